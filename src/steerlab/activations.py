@@ -10,7 +10,8 @@ A sample is a rendered prompt text plus an optional completion; the model reads
   completion (the "A" of CAA's "(A)", wherever the tokenizer splits it);
 * ``Position.completion_mean()``: the mean over the completion's tokens.
 
-Left padding is handled (positions count real tokens only); outputs are float32 ``(N, width)``
+Left padding is handled (positions count real tokens only, and the model is given position
+ids that skip the padding); outputs are float32 ``(N, width)``
 tensors keyed by :class:`~steerlab.sites.Site`. The forward pass stops after the deepest
 block that is needed, so collection costs at most one forward pass. Results are cached in
 ``$STEERLAB_CACHE/activations`` under a key made of the model's fingerprint, the texts, the
@@ -20,6 +21,7 @@ sites and the position; the cache file is written atomically.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -246,6 +248,10 @@ def _run(
     deepest = max(s.layer for s in sites)
     stop_site = Site("resid_post", deepest)
     state: dict[str, Any] = {}
+    # Left padding must not shift positions: give the model position ids counted over the
+    # real tokens (as transformers' generate does), or models with absolute position
+    # embeddings (GPT-2) would see a padded row at other positions than the row alone.
+    accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
 
     def record(site: Site, h: torch.Tensor) -> None:
         sel: torch.Tensor = state["select"]  # (batch, seq) float weights
@@ -291,10 +297,13 @@ def _run(
                 select[r, pad + a : pad + b] = 1.0 / (b - a)
             state["select"] = select.to(device)
             state["rows"] = slice(start, start + len(chunk))
+            extra: dict[str, torch.Tensor] = {}
+            if accepts_position_ids:
+                extra["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0).to(device)
             try:
                 with torch.no_grad():
                     model(input_ids=ids_t.to(device), attention_mask=mask.to(device),
-                          use_cache=False)
+                          use_cache=False, **extra)
             except _StopForward:
                 pass
     finally:

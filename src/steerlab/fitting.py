@@ -15,7 +15,7 @@ from steerlab.errors import DataError
 from steerlab.methods.actadd import ActAdd
 from steerlab.methods.caa import CAA
 from steerlab.models import LoadedModel
-from steerlab.sites import Site, find_layers
+from steerlab.sites import find_layers
 
 _RECIPE_POSITION = {
     "ab": Position.answer_letter(),

@@ -199,8 +199,8 @@ def _convert_gguf(gguf_path: Path, target: Path, model_id: str) -> None:
 def _load_folder(path: str, dtype: torch.dtype, device: str, **kw: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     return model.to(device), tokenizer
 
 
@@ -226,9 +226,9 @@ def load_model(
             same on every machine; pass "sdpa" for speed.
     """
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        dtype = getattr(torch, dtype, None)  # type: ignore[assignment]
         if not isinstance(dtype, torch.dtype):
-            raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+            raise ModelLoadError("unknown dtype; use float32, bfloat16 or float16")
     models_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "models"
     kw: dict[str, Any] = {}
     if attn_implementation is not None:
@@ -279,11 +279,11 @@ def wrap_model(model: Any, tokenizer: Any, *, model_id: str | None = None) -> Lo
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer is not None:
         tokenizer.padding_side = "left"
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     from steerlab.sites import find_layers
 
-    layers = find_layers(model)
+    layers = find_layers(model)  # fails first, with how to name the layers, on odd layouts
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     info = ModelInfo(
         model_id=model_id or str(getattr(config, "name_or_path", "") or config.model_type),
         architecture=str((config.architectures or [type(model).__name__])[0]),

@@ -4,12 +4,12 @@
 ``steering(lm, rows=[[Steer(caa, 4.0)], [], [Steer(caa, -4.0)]])`` gives each row of the
 batch its own controllers and strengths. Semantics (see docs/architecture.md):
 
-* Positions are absolute. A forward pre-hook on the model reads the attention mask (or the
-  cache position) and computes, for each token of the current chunk, its position among the
-  row's real tokens; left padding gets -1 and is never steered. The prompt length of each row
-  is the number of real tokens in the first forward pass of the context. Scopes are
-  predicates on these positions (:mod:`steerlab.scope`), so cached and uncached generation
-  steer the same tokens.
+* Positions are absolute. A forward pre-hook on the model reads the attention mask (without
+  one, the position ids or the length of the KV cache) and computes, for each token of the
+  current chunk, its position among the row's real tokens; left padding gets -1 and is never
+  steered. The prompt length of each row is the number of real tokens in the first forward
+  pass of the context. Scopes are predicates on these positions (:mod:`steerlab.scope`), so
+  cached and uncached generation steer the same tokens.
 * Rows are independent. Each (controller, scope) pair carries a per-row strength and a
   per-row "active" flag; the steered tensor is written only where the row is active and the
   scope selects the position (``torch.where``), so a row with no controller is
@@ -20,8 +20,9 @@ batch its own controllers and strengths. Semantics (see docs/architecture.md):
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, cast
 
@@ -65,6 +66,8 @@ class _Group:
     scope: TokenScope
     strengths: torch.Tensor  # (rows,) float32
     active: torch.Tensor  # (rows,) bool
+    # resolved site -> the site as the controller names it (a negative layer stays negative)
+    own_sites: dict[Site, Site] = field(default_factory=dict)
 
 
 def _as_list(spec: Steer | Sequence[Steer] | None) -> list[Steer]:
@@ -85,6 +88,30 @@ def _unwrap(lm: LoadedModel | nn.Module) -> tuple[nn.Module, Any]:
     return lm, None
 
 
+def _call_arguments(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """The model call's arguments by name, so that a positional attention mask is seen too.
+
+    The order of positional parameters differs between models (GPT-2 takes the cache second),
+    hence the binding to the signature of ``forward``.
+    """
+    if len(args) <= 1:
+        return {"input_ids": args[0], **kwargs} if args else dict(kwargs)
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return {"input_ids": args[0], **kwargs}
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            out[name] = value
+    return out
+
+
 def check_compatible(controller: Controller, layers: LayerMap, model_name: str) -> None:
     """Fail clearly when a controller was fitted on a model of another shape."""
     controller.check_fitted()
@@ -99,7 +126,7 @@ def check_compatible(controller: Controller, layers: LayerMap, model_name: str) 
         layers.resolve(site)
 
 
-class steering:  # noqa: N801 - used as a context manager, like torch.no_grad
+class steering:
     """Apply controllers to a model inside a ``with`` block.
 
     Args:
@@ -130,7 +157,8 @@ class steering:  # noqa: N801 - used as a context manager, like torch.no_grad
         row_specs = [_as_list(r) for r in rows] if rows is not None else [_as_list(steers)]
         self.n_rows = len(row_specs)
         self._groups: dict[Site, list[_Group]] = {}
-        self._reads: set[Site] = set()
+        # resolved read site -> every name a controller gave it (StepContext.reads keys)
+        self._reads: dict[Site, set[Site]] = {}
         groups: dict[tuple[int, TokenScope], _Group] = {}
         for r, specs in enumerate(row_specs):
             for spec in specs:
@@ -152,9 +180,12 @@ class steering:  # noqa: N801 - used as a context manager, like torch.no_grad
                     g.active[r] = True
         for g in groups.values():
             for site in g.controller.sites:
-                self._groups.setdefault(self.layers.resolve(site), []).append(g)
+                resolved = self.layers.resolve(site)
+                g.own_sites[resolved] = site
+                self._groups.setdefault(resolved, []).append(g)
             for site in g.controller.read_sites:
-                self._reads.add(self.layers.resolve(site))
+                resolved = self.layers.resolve(site)
+                self._reads.setdefault(resolved, {resolved}).add(site)
         self._prompt_len_given = (
             torch.tensor(list(prompt_len), dtype=torch.long) if prompt_len is not None else None
         )
@@ -167,7 +198,8 @@ class steering:  # noqa: N801 - used as a context manager, like torch.no_grad
     def _on_model_call(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
+        kwargs = _call_arguments(module, args, kwargs)
+        ids = kwargs.get("input_ids")
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         if ids is None:
@@ -186,14 +218,27 @@ class steering:  # noqa: N801 - used as a context manager, like torch.no_grad
             real = torch.cumsum(m, dim=1) - 1
             positions = torch.where(m.bool(), real, torch.full_like(real, -1))[:, -seq:]
         else:
-            past = 0
-            cache_position = kwargs.get("cache_position")
-            pkv = kwargs.get("past_key_values")
-            if isinstance(cache_position, torch.Tensor) and cache_position.numel() > 0:
-                past = int(cache_position.reshape(-1)[0])
-            elif pkv is not None and hasattr(pkv, "get_seq_length"):
-                past = int(pkv.get_seq_length())
-            positions = (past + torch.arange(seq, device=device)).expand(batch, seq)
+            # No 2-D mask, hence no padding (transformers >= 5 drops an all-ones mask in
+            # generate): the positions are the model's own position ids, else the number of
+            # cached tokens (``cache`` in transformers >= 5, ``past_key_values`` before) plus
+            # the offset in this chunk.
+            position_ids = kwargs.get("position_ids")
+            if (
+                isinstance(position_ids, torch.Tensor)
+                and position_ids.dim() == 2
+                and position_ids.shape[1] == seq
+                and position_ids.shape[0] in (1, batch)
+            ):
+                positions = position_ids.to(device=device, dtype=torch.long).expand(batch, seq)
+            else:
+                past = 0
+                cache_position = kwargs.get("cache_position")
+                pkv = kwargs.get("cache", kwargs.get("past_key_values"))
+                if isinstance(cache_position, torch.Tensor) and cache_position.numel() > 0:
+                    past = int(cache_position.reshape(-1)[0])
+                elif pkv is not None and hasattr(pkv, "get_seq_length"):
+                    past = int(pkv.get_seq_length())
+                positions = (past + torch.arange(seq, device=device)).expand(batch, seq)
         if self._prompt_len is None:
             if self._prompt_len_given is not None:
                 if len(self._prompt_len_given) != batch:
@@ -221,7 +266,7 @@ class steering:  # noqa: N801 - used as a context manager, like torch.no_grad
             mask = g.scope.mask(ctx.positions, ctx.prompt_len) & active[:, None]
             if not bool(mask.any()):
                 continue
-            new = g.controller.steer(site, h, strengths, ctx)
+            new = g.controller.steer(g.own_sites.get(site, site), h, strengths, ctx)
             if new.shape != h.shape:
                 raise SteeringError(
                     f"{g.controller.method} returned shape {tuple(new.shape)} at {site}, "
@@ -236,7 +281,8 @@ class steering:  # noqa: N801 - used as a context manager, like torch.no_grad
         ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
             h = get_input(args, kwargs)
             if read and self._ctx is not None:
-                self._ctx.reads[site] = h
+                for name in self._reads[site]:
+                    self._ctx.reads[name] = h
             if not write:
                 return None
             new = self._apply(site, h)
@@ -250,7 +296,8 @@ class steering:  # noqa: N801 - used as a context manager, like torch.no_grad
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             h = get_output(output)
             if read and self._ctx is not None:
-                self._ctx.reads[site] = h
+                for name in self._reads[site]:
+                    self._ctx.reads[name] = h
             if not write:
                 return None
             new = self._apply(site, h)
@@ -268,7 +315,7 @@ class steering:  # noqa: N801 - used as a context manager, like torch.no_grad
             self._handles.append(
                 self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)
             )
-            for site in sorted(set(self._groups) | self._reads):
+            for site in sorted(set(self._groups) | set(self._reads)):
                 module = self.layers.module(site)
                 write, read = site in self._groups, site in self._reads
                 if hook_is_pre(site):
@@ -278,8 +325,13 @@ class steering:  # noqa: N801 - used as a context manager, like torch.no_grad
                         )
                     )
                 else:
+                    # prepend: run before hooks already on the block, such as those with which
+                    # transformers captures ``output_hidden_states``, so they see the steered
+                    # output whenever they were installed.
                     self._handles.append(
-                        module.register_forward_hook(self._make_post_hook(site, write, read))
+                        module.register_forward_hook(
+                            self._make_post_hook(site, write, read), prepend=True
+                        )
                     )
         except BaseException:
             self._remove()

@@ -1,0 +1,230 @@
+"""Throughput of steered vs unsteered generation (tokens/s), KV cache on, greedy.
+
+Configurations, each at every batch size:
+
+* ``unsteered``: ``lm.model.generate`` with no steering context;
+* ``caa-1-layer``: CAA on the middle block (``resid_post.{L//2}``), strength 4;
+* ``caa-all-layers``: CAA on every block's ``resid_post``, strength 1 on each.
+
+The CAA vectors are fitted with :func:`steerlab.fitting.fit_caa` on the built-in sentiment
+pairs (activations cached in ``$STEERLAB_CACHE``), so they have realistic norms. Every call
+generates exactly ``--new-tokens`` tokens per row (``min_new_tokens == max_new_tokens``; the
+script checks the output length), from the first ``batch`` prompts of ``neutral_prompts()``
+rendered with the chat template. Configurations are interleaved round by round (the order
+rotates each round) after a warm-up round, and the median wall time of each is reported.
+
+Run: ``python benchmarks/overhead.py [--repeats 5] [--batch-sizes 1 8] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from _common import (
+    command_line,
+    interleaved,
+    load_average,
+    machine_facts,
+    median,
+    paired_ratio,
+    print_header,
+    print_table,
+    spread,
+    write_json,
+)
+from steerlab.data import Renderer, neutral_prompts, sentiment_pairs
+from steerlab.fitting import fit_caa
+from steerlab.methods.caa import CAA
+from steerlab.models import DEFAULT_MODEL, LoadedModel, load_model
+from steerlab.runtime import Steer, steering, tokenize_prompts
+
+TARGET = 0.95
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or path (load_model)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--attn", default="eager", help="attn_implementation (load_model default)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
+    p.add_argument(
+        "--json",
+        dest="json_out",
+        default=None,
+        metavar="OUT",
+        help="write the results as JSON to this file",
+    )
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.new_tokens < 1 or min(args.batch_sizes) < 1:
+        p.error("--repeats, --new-tokens and --batch-sizes must be positive")
+    return args
+
+
+def fit_controllers(lm: LoadedModel) -> dict[str, list[Steer]]:
+    """The steering configurations: name -> steers (empty for unsteered)."""
+    n = lm.info.num_layers
+    data = sentiment_pairs()
+    one = fit_caa(lm, data, CAA(layers=n // 2), progress=False)
+    every = fit_caa(lm, data, CAA(layers=list(range(n))), progress=False)
+    return {
+        "unsteered": [],
+        f"caa-1-layer (L{n // 2})": [Steer(one, 4.0)],
+        f"caa-all-layers ({n})": [Steer(every, 1.0)],
+    }
+
+
+def make_case(
+    lm: LoadedModel, enc: dict[str, torch.Tensor], steers: list[Steer], new_tokens: int
+) -> Callable[[], torch.Tensor]:
+    kw: dict[str, Any] = {
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "use_cache": True,
+        "pad_token_id": lm.tokenizer.pad_token_id,
+    }
+    prompt_len = int(enc["input_ids"].shape[1])
+
+    def run() -> torch.Tensor:
+        ctx = steering(lm, steers) if steers else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            out: torch.Tensor = lm.model.generate(**enc, **kw)
+        got = int(out.shape[1]) - prompt_len
+        if got != new_tokens:
+            raise RuntimeError(f"generated {got} tokens, expected {new_tokens}")
+        return out
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    facts = machine_facts()
+    print_header("steering overhead: generation tokens/s, steered vs unsteered", facts)
+    lm = load_model(args.model, attn_implementation=args.attn)
+    print(
+        f"model: {lm.info.model_id} ({lm.info.num_layers} layers, d={lm.info.hidden_size}), "
+        f"attn={args.attn}, dtype={next(lm.model.parameters()).dtype}"
+    )
+    configs = fit_controllers(lm)
+    print("vectors: fit_caa on sentiment_pairs() (recipe 'last', cached activations)")
+    for name, steers in configs.items():
+        for s in steers:
+            norms = s.controller.fit_info["vector_norms"]
+            vals = sorted(norms.values())
+            print(
+                f"  {name}: strength {s.strength}, {len(norms)} vector(s), norm "
+                f"min {vals[0]:.2f} median {median(vals):.2f} max {vals[-1]:.2f}"
+            )
+
+    renderer = Renderer(lm.tokenizer)
+    prompts = neutral_prompts()
+    results: list[dict[str, Any]] = []
+    for bs in args.batch_sizes:
+        batch = [renderer.prompt(prompts[i % len(prompts)]) for i in range(bs)]
+        enc = tokenize_prompts(lm, batch, rendered=True)
+        cases = {
+            name: make_case(lm, enc, steers, args.new_tokens) for name, steers in configs.items()
+        }
+
+        def progress(r: int, bs: int = bs) -> None:
+            print(f"  batch {bs}: round {r + 1}/{args.repeats} done", flush=True)
+
+        # Warm-up, and a check: steering must change the output, or its hooks did nothing.
+        base = cases["unsteered"]()
+        for name, case in cases.items():
+            if name != "unsteered" and torch.equal(case(), base):
+                raise RuntimeError(f"{name}: steered output equals unsteered output")
+        print(
+            f"batch {bs}: prompt tokens {tuple(enc['input_ids'].shape)}, timing "
+            f"{len(cases)} configs x {args.repeats} rounds ...",
+            flush=True,
+        )
+        times = interleaved(cases, args.repeats, warmup=0, on_round=progress)  # warm already
+        tokens = bs * args.new_tokens
+        base_t = median(times["unsteered"])
+        for name, ts in times.items():
+            med = median(ts)
+            results.append(
+                {
+                    "batch_size": bs,
+                    "config": name,
+                    "new_tokens_per_row": args.new_tokens,
+                    "times_s": [round(t, 5) for t in ts],
+                    "median_s": round(med, 5),
+                    "tokens_per_s": round(tokens / med, 2),
+                    "ratio": round(paired_ratio(times["unsteered"], ts), 4),
+                    "ratio_of_medians": round(base_t / med, 4),
+                    "extra_ms_per_step": round((med - base_t) / args.new_tokens * 1e3, 3),
+                    "spread": round(spread(ts), 4),
+                }
+            )
+
+    print()
+    headers = [
+        "batch",
+        "config",
+        "tok/s",
+        "ratio",
+        "ratio(med)",
+        "+ms/step",
+        "spread",
+        "target",
+        "ok",
+    ]
+    rows = []
+    for r in results:
+        steered = r["config"] != "unsteered"
+        rows.append(
+            [
+                str(r["batch_size"]),
+                r["config"],
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['ratio']:.3f}",
+                f"{r['ratio_of_medians']:.3f}",
+                f"{r['extra_ms_per_step']:+.2f}" if steered else "",
+                f"{100 * r['spread']:.1f}%",
+                f">= {TARGET}" if steered else "",
+                ("yes" if r["ratio"] >= TARGET else "NO") if steered else "",
+            ]
+        )
+    print_table(headers, rows, left=2)
+    print(
+        f"tok/s = batch x {args.new_tokens} new tokens / median wall time of generate "
+        f"(prefill included); ratio = median over rounds of unsteered time / steered time "
+        f"in the same round (= steered tok/s / unsteered tok/s; the target applies to it); "
+        f"ratio(med) = the same from the medians; +ms/step = extra median time per generated "
+        f"token; spread = (max - min) / median over {args.repeats} rounds"
+    )
+    print(f"load average (1/5/15 min) at end: {load_average()}")
+    payload = {
+        "benchmark": "overhead",
+        "command": command_line(),
+        "machine": facts,
+        "load_average_at_end": load_average(),
+        "model": lm.info.as_dict(),
+        "attn_implementation": args.attn,
+        "repeats": args.repeats,
+        "target_ratio": TARGET,
+        "results": results,
+    }
+    write_json(args.json_out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The ``steerlab`` command line: demo, fit, generate, inspect, models, GGUF export/import."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from steerlab.errors import SteerlabError
+
+app = typer.Typer(
+    help="steerlab: steer language models by their activations.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+DEMO_LAYER = 8
+DEMO_STRENGTH = 3.5
+DEMO_SCOPE = "all"
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+def _load(model: str) -> Any:
+    from steerlab.models import load_model
+
+    with console.status(f"loading {model} (the first load converts and caches it)..."):
+        start = time.perf_counter()
+        lm = load_model(model)
+    console.print(
+        f"[green]loaded[/] {lm.info.model_id}: {lm.info.architecture}, {lm.info.num_layers} "
+        f"layers, hidden {lm.info.hidden_size} ({time.perf_counter() - start:.1f} s)"
+    )
+    return lm
+
+
+def _sentiment(texts: list[str]) -> list[float]:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return [float(analyzer.polarity_scores(t)["compound"]) for t in texts]
+
+
+@app.command()
+def demo(
+    model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
+    layer: Annotated[int, typer.Option(help="block whose output is steered")] = DEMO_LAYER,
+    strength: Annotated[float, typer.Option(help="CAA multiplier")] = DEMO_STRENGTH,
+    prompts: Annotated[int, typer.Option(help="neutral prompts to show")] = 6,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens per answer")] = 40,
+) -> None:
+    """Fit a sentiment CAA from the built-in set and show unsteered vs steered answers."""
+    try:
+        from steerlab.data import neutral_prompts, sentiment_pairs
+        from steerlab.fitting import fit_caa
+        from steerlab.methods import CAA
+        from steerlab.runtime import Steer, generate
+
+        lm = _load(model)
+        data = sentiment_pairs()
+        console.print(f"fitting CAA on {len(data)} built-in sentiment pairs at block {layer}...")
+        caa = fit_caa(lm, data, CAA(layers=layer, recipe="mean", scope=DEMO_SCOPE))
+        info = caa.fit_info
+        console.print(
+            f"[green]fitted[/] in {info['fit_seconds']:.1f} s: {info['n_pairs']} pairs, "
+            f"position {info['position']}, vector norm {next(iter(info['vector_norms'].values()))}"
+        )
+        chosen = neutral_prompts()[:prompts]
+        kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": 8,
+                              "progress": True}
+        plain = generate(lm, chosen, **kw)
+        pos = generate(lm, chosen, steers=Steer(caa, strength), **kw)
+        neg = generate(lm, chosen, steers=Steer(caa, -strength), **kw)
+        table = Table(title=f"{lm.info.model_id}: CAA sentiment, block {layer}, "
+                            f"strength ±{strength}, scope {DEMO_SCOPE}", show_lines=True)
+        table.add_column("prompt", style="bold", max_width=24)
+        table.add_column("unsteered")
+        table.add_column(f"+{strength} (positive)", style="green")
+        table.add_column(f"-{strength} (negative)", style="red")
+        for p, a, b, c in zip(chosen, plain, pos, neg, strict=True):
+            table.add_row(p, a.strip(), b.strip(), c.strip())
+        console.print(table)
+        s0, s1, s2 = (sum(_sentiment(x)) / len(x) for x in (plain, pos, neg))
+        console.print(
+            f"mean VADER compound: unsteered {s0:+.3f}, +{strength}: {s1:+.3f}, "
+            f"-{strength}: {s2:+.3f}"
+        )
+    except SteerlabError as exc:
+        _fail(exc)
+
+
+@app.command()
+def fit(
+    out: Annotated[Path, typer.Option("--out", "-o", help="artifact path (.safetensors)")],
+    model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="caa or actadd")] = "caa",
+    data: Annotated[str, typer.Option(help="'sentiment' (built in) or a dataset path")] = (
+        "sentiment"
+    ),
+    layers: Annotated[str, typer.Option(help="comma-separated block indices")] = str(DEMO_LAYER),
+    recipe: Annotated[str, typer.Option(help="CAA: ab, last or mean")] = "mean",
+    scope: Annotated[str, typer.Option(help="default token scope")] = DEMO_SCOPE,
+    positive: Annotated[str, typer.Option(help="ActAdd positive prompt")] = "Love",
+    negative: Annotated[str, typer.Option(help="ActAdd negative prompt")] = "Hate",
+    limit: Annotated[int, typer.Option(help="use at most this many pairs (0: all)")] = 0,
+) -> None:
+    """Fit a controller and save it as an artifact."""
+    try:
+        from steerlab import artifacts
+        from steerlab.data import ContrastiveSet, load_dataset, sentiment_pairs
+        from steerlab.fitting import fit_actadd, fit_caa
+        from steerlab.methods import CAA, ActAdd
+
+        layer_list = [int(x) for x in layers.split(",") if x.strip()]
+        lm = _load(model)
+        if method == "caa":
+            dataset = sentiment_pairs() if data == "sentiment" else load_dataset(data)
+            if not isinstance(dataset, ContrastiveSet):
+                raise SteerlabError(f"{data} is a labelled set; CAA needs contrastive pairs")
+            if limit:
+                dataset = dataset[:limit]
+            controller: Any = fit_caa(
+                lm, dataset, CAA(layers=layer_list, recipe=recipe, scope=scope)  # type: ignore[arg-type]
+            )
+        elif method == "actadd":
+            controller = fit_actadd(
+                lm, ActAdd(layer=layer_list[0], positive=positive, negative=negative, scope=scope)
+            )
+        else:
+            raise SteerlabError(f"unknown method {method!r}; this version has caa and actadd")
+        path = artifacts.save(controller, out)
+        console.print(f"[green]saved[/] {path}")
+        console.print_json(json.dumps(controller.fit_info))
+    except SteerlabError as exc:
+        _fail(exc)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[list[str], typer.Argument(help="one or more prompts")],
+    model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
+    steer: Annotated[
+        list[Path] | None, typer.Option(help="artifact(s) to apply; repeat for several")
+    ] = None,
+    strength: Annotated[
+        list[float] | None, typer.Option(help="strength per --steer (default 1.0)")
+    ] = None,
+    scope: Annotated[str | None, typer.Option(help="token scope override")] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    compare: Annotated[bool, typer.Option(help="also print the unsteered answer")] = False,
+    strict: Annotated[bool, typer.Option(help="refuse artifacts fitted on another model id")] = (
+        True
+    ),
+) -> None:
+    """Generate (greedy) from prompts, optionally steered by saved artifacts."""
+    try:
+        from steerlab import artifacts
+        from steerlab.runtime import Steer
+        from steerlab.runtime import generate as run_generate
+
+        lm = _load(model)
+        paths = steer or []
+        strengths = strength or [1.0] * len(paths)
+        if len(strengths) == 1 and len(paths) > 1:
+            strengths = strengths * len(paths)
+        if len(strengths) != len(paths):
+            raise SteerlabError(
+                f"give one --strength per --steer ({len(paths)} artifacts, "
+                f"{len(strengths)} strengths)"
+            )
+        steers = [
+            Steer(artifacts.load(p, lm.info, strict=strict), s, scope)
+            for p, s in zip(paths, strengths, strict=True)
+        ]
+        outs = run_generate(lm, prompt, steers=steers or None, max_new_tokens=max_new_tokens)
+        plain = run_generate(lm, prompt, max_new_tokens=max_new_tokens) if compare else None
+        for i, (p, o) in enumerate(zip(prompt, outs, strict=True)):
+            console.rule(p)
+            if plain is not None:
+                console.print(f"[dim]unsteered:[/] {plain[i].strip()}")
+                console.print(f"[bold]steered:[/] {o.strip()}")
+            else:
+                console.print(o.strip())
+    except SteerlabError as exc:
+        _fail(exc)
+
+
+@app.command()
+def inspect(artifact: Annotated[Path, typer.Argument(help="a .safetensors artifact")]) -> None:
+    """Show what an artifact describes: method, sites, model, data, fit figures."""
+    try:
+        from safetensors import safe_open
+
+        from steerlab.artifacts import read_metadata
+
+        meta = read_metadata(artifact)
+        table = Table(title=str(artifact), show_header=False)
+        table.add_column("field", style="bold")
+        table.add_column("value")
+        for key in ("method", "sites", "hyperparameters", "model", "data_fingerprint", "fit",
+                    "library_version", "created"):
+            value = meta.get(key)
+            table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+        with safe_open(str(artifact), framework="pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        table.add_row("tensors", json.dumps(shapes))
+        console.print(table)
+    except SteerlabError as exc:
+        _fail(exc)
+
+
+@app.command()
+def models() -> None:
+    """List the embedded models and whether their packages are installed."""
+    from steerlab.models import cache_root, embedded_status
+
+    table = Table(title="embedded models")
+    table.add_column("name", style="bold")
+    table.add_column("model")
+    table.add_column("status")
+    for name, desc, status in embedded_status():
+        table.add_row(name, desc, status)
+    console.print(table)
+    console.print(f"cache: {cache_root()} (set STEERLAB_CACHE to move it)")
+
+
+@app.command("export-gguf")
+def export_gguf(
+    artifact: Annotated[Path, typer.Argument(help="a CAA/ActAdd artifact")],
+    out: Annotated[Path, typer.Argument(help="output .gguf control vector")],
+    scale: Annotated[float, typer.Option(help="multiply the vectors by this")] = 1.0,
+) -> None:
+    """Export a linear artifact to llama.cpp's GGUF control-vector layout."""
+    try:
+        from steerlab import artifacts
+
+        path = artifacts.export_gguf(artifacts.load(artifact), out, scale=scale)
+        console.print(f"[green]wrote[/] {path} (use with llama.cpp --control-vector)")
+    except SteerlabError as exc:
+        _fail(exc)
+
+
+@app.command("import-gguf")
+def import_gguf(
+    gguf_file: Annotated[Path, typer.Argument(help="a llama.cpp control vector .gguf")],
+    out: Annotated[Path, typer.Argument(help="output artifact (.safetensors)")],
+    model: Annotated[str, typer.Option(help="model it is for (checked)")] = "smollm2-135m",
+) -> None:
+    """Import a llama.cpp GGUF control vector as a CAA artifact for a model."""
+    try:
+        from steerlab import artifacts
+
+        lm = _load(model)
+        controller = artifacts.import_gguf(gguf_file, lm.info)
+        console.print(f"[green]saved[/] {artifacts.save(controller, out)}")
+    except SteerlabError as exc:
+        _fail(exc)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation: behaviour (judges) and fluency (perplexity) metrics."""

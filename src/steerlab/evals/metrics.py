@@ -1,0 +1,75 @@
+"""Metrics for steered text: a behaviour judge and a fluency measure.
+
+* :func:`vader_compound`: VADER's compound sentiment score in [-1, 1] per text (Hutto and
+  Gilbert, ICWSM 2014), an offline rule-based sentiment judge.
+* :func:`conditional_perplexity`: perplexity of completions given their prompts under a
+  model (normally the *unsteered* model), exp of the mean negative log-likelihood over all
+  completion tokens. A steered answer that stays fluent keeps this close to the unsteered
+  answers' value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from steerlab.data import Renderer
+from steerlab.errors import DataError
+from steerlab.models import LoadedModel
+
+
+def vader_compound(texts: Sequence[str]) -> list[float]:
+    """VADER compound score of each text."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return [float(analyzer.polarity_scores(t)["compound"]) for t in texts]
+
+
+def conditional_perplexity(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    *,
+    renderer: Renderer | None = None,
+    batch_size: int = 8,
+) -> float:
+    """Perplexity of ``completions`` given rendered ``prompts`` (token-weighted)."""
+    if len(prompts) != len(completions) or not prompts:
+        raise DataError("give as many completions as prompts, at least one")
+    renderer = renderer or Renderer(lm.tokenizer)
+    tok = lm.tokenizer
+    add_special = renderer.mode != "chat"
+    total, count = 0.0, 0
+    rows: list[tuple[list[int], int]] = []
+    for p, c in zip(prompts, completions, strict=True):
+        prompt_text = renderer.prompt(p)
+        n_prompt = len(tok(prompt_text, add_special_tokens=add_special)["input_ids"])
+        ids = tok(prompt_text + c, add_special_tokens=add_special)["input_ids"]
+        if len(ids) > n_prompt:
+            rows.append((list(ids), n_prompt))
+    if not rows:
+        raise DataError("every completion is empty; nothing to score")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        length = max(len(ids) for ids, _ in chunk)
+        ids_t = torch.full((len(chunk), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), length), dtype=torch.long)
+        target = torch.zeros((len(chunk), length), dtype=torch.bool)
+        for r, (ids, n_prompt) in enumerate(chunk):
+            off = length - len(ids)
+            ids_t[r, off:] = torch.tensor(ids)
+            mask[r, off:] = 1
+            target[r, off + n_prompt :] = True
+        with torch.no_grad():
+            logits = lm.model(input_ids=ids_t.to(lm.device),
+                              attention_mask=mask.to(lm.device)).logits.float().cpu()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll = -logp.gather(2, ids_t[:, 1:, None])[..., 0]
+        sel = target[:, 1:]
+        total += float(nll[sel].sum())
+        count += int(sel.sum())
+    return math.exp(total / count)

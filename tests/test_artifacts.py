@@ -15,8 +15,8 @@ from steerlab.fitting import fit_actadd, fit_caa
 from steerlab.methods import CAA, ActAdd
 from steerlab.runtime import Steer, generate
 from steerlab.sites import Site
-from tests.test_methods import SENT
-from tests.tiny_models import tiny_model
+from test_methods import SENT
+from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -74,7 +74,7 @@ def test_runtime_refuses_hidden_size_mismatch(caa: CAA) -> None:
     lm = tiny_model("qwen3")
     wide = CAA(layers=0)
     wide.set_vectors({Site("resid_post", 0): torch.ones(48)})
-    with pytest.raises(SteeringError, match="width|hidden"):
+    with pytest.raises(SteeringError, match=r"width|hidden"):
         generate(lm, ["hi"], steers=Steer(wide, 1.0), max_new_tokens=2)
 
 

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from steerlab.cli import app
-from tests.tiny_models import build_tiny_model
+from tiny_models import build_tiny_model
 
 runner = CliRunner()
 

@@ -14,7 +14,7 @@ from steerlab.methods.base import StepContext
 from steerlab.methods.caa import normalize_across
 from steerlab.runtime import Steer, generate
 from steerlab.sites import Site
-from tests.tiny_models import tiny_model
+from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

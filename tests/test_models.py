@@ -10,7 +10,7 @@ import torch
 from steerlab import models
 from steerlab.errors import ModelLoadError, SiteError
 from steerlab.models import load_model, wrap_model
-from tests.tiny_models import build_tiny_model
+from tiny_models import build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_bad_paths(tmp_path: Path) -> None:
         load_model(str(tmp_path / "nothing.gguf"))
     f = tmp_path / "weights.bin"
     f.write_bytes(b"x")
-    with pytest.raises(ModelLoadError, match="not a .gguf"):
+    with pytest.raises(ModelLoadError, match=r"not a \.gguf"):
         load_model(str(f))
     with pytest.raises(ModelLoadError, match="could not load model"):
         load_model(str(tmp_path / "no-such-folder"))

@@ -15,16 +15,17 @@ identical), and then, batch by batch, every case runs on it:
 
 ``collect`` stops the forward pass after the deepest block it needs, so for a middle layer it
 does about half the work of a plain pass; that is the library's behaviour, and the ratio shows
-it. Cases rotate their order from batch to batch and round to round; each round times every
-case over all the batches; the report gives medians over rounds and the median of the
+it. The order of the cases is shuffled (seeded) for every batch; each round times every case
+over all the batches; the report gives medians over rounds and the median of the
 per-round ratios (noise that hits a whole round cancels there).
 
-Run: ``python benchmarks/collect.py [--n-texts 64] [--batch-size 16] [--repeats 3]``
+Run: ``python benchmarks/collect.py [--n-texts 256] [--batch-size 16] [--repeats 3]``
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,7 +54,7 @@ TARGET = 0.9
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name or path (load_model)")
-    p.add_argument("--n-texts", type=int, default=64, help="texts (cycled from the pairs)")
+    p.add_argument("--n-texts", type=int, default=256, help="texts (cycled from the pairs)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (after a warm-up)")
     p.add_argument("--attn", default="eager", help="attn_implementation (load_model default)")
@@ -132,18 +133,20 @@ def make_cases(
 
 
 def run_rounds(cases: dict[str, Case], n_batches: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per case per round; within a round, every batch runs every case, the order
-    rotating from batch to batch. A warm-up runs every case on the first batch."""
+    """Seconds per case per round; within a round, every batch runs every case, in an order
+    shuffled (seeded) for each batch so that no case always follows the same one (a plain
+    pass frees ~200 MB of logits, which can slow whatever runs next). A warm-up runs every
+    case on the first batch."""
     names = list(cases)
     for name in names:
         cases[name](0)
     times = {name: [0.0] * repeats for name in names}
-    k = 0
+    rng = random.Random(0)
     for r in range(repeats):
         for b in range(n_batches):
-            shift = k % len(names)
-            k += 1
-            for name in names[shift:] + names[:shift]:
+            order = names[:]
+            rng.shuffle(order)
+            for name in order:
                 t0 = time.perf_counter()
                 cases[name](b)
                 times[name][r] += time.perf_counter() - t0

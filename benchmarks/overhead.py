@@ -13,7 +13,7 @@ script checks the output length), from the first ``batch`` prompts of ``neutral_
 rendered with the chat template. Configurations are interleaved round by round (the order
 rotates each round) after a warm-up round, and the median wall time of each is reported.
 
-Run: ``python benchmarks/overhead.py [--repeats 5] [--batch-sizes 1 8] [--json out.json]``
+Run: ``python benchmarks/overhead.py [--repeats 7] [--batch-sizes 1 8] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ TARGET = 0.95
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name or path (load_model)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds (after one warm-up)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--attn", default="eager", help="attn_implementation (load_model default)")
@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"min {vals[0]:.2f} median {median(vals):.2f} max {vals[-1]:.2f}"
             )
 
+    print(
+        f"generation: lm.model.generate, greedy, KV cache on, min_new_tokens = max_new_tokens "
+        f"= {args.new_tokens} (length checked), prompts: neutral_prompts() chat-rendered"
+    )
     renderer = Renderer(lm.tokenizer)
     prompts = neutral_prompts()
     results: list[dict[str, Any]] = []
@@ -169,7 +173,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "tokens_per_s": round(tokens / med, 2),
                     "ratio": round(paired_ratio(times["unsteered"], ts), 4),
                     "ratio_of_medians": round(base_t / med, 4),
-                    "extra_ms_per_step": round((med - base_t) / args.new_tokens * 1e3, 3),
+                    "extra_ms_per_step": round(
+                        median([t - b for t, b in zip(ts, times["unsteered"], strict=True)])
+                        / args.new_tokens
+                        * 1e3,
+                        3,
+                    ),
                     "spread": round(spread(ts), 4),
                 }
             )
@@ -207,8 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"tok/s = batch x {args.new_tokens} new tokens / median wall time of generate "
         f"(prefill included); ratio = median over rounds of unsteered time / steered time "
         f"in the same round (= steered tok/s / unsteered tok/s; the target applies to it); "
-        f"ratio(med) = the same from the medians; +ms/step = extra median time per generated "
-        f"token; spread = (max - min) / median over {args.repeats} rounds"
+        f"ratio(med) = the same from the medians; +ms/step = median over rounds of the "
+        f"extra time per generated token; spread = (max - min) / median over {args.repeats} rounds"
     )
     print(f"load average (1/5/15 min) at end: {load_average()}")
     payload = {

@@ -193,6 +193,7 @@ class steering:
         self._positions: torch.Tensor | None = None
         self._prompt_len: torch.Tensor | None = None
         self._ctx: StepContext | None = None
+        self._plan: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     # -- hooks ---------------------------------------------------------------------------------
     def _on_model_call(
@@ -251,28 +252,54 @@ class steering:
                 self._prompt_len = positions.max(dim=1).values + 1
         self._positions = positions
         self._ctx = StepContext(positions=positions, prompt_len=self._prompt_len, reads={})
+        self._plan_groups(batch, device)
+
+    def _plan_groups(self, batch: int, device: torch.device) -> None:
+        """Per forward pass, once for all sites: each group's strengths and write mask.
+
+        The mask depends only on the positions of this forward pass, so computing it here
+        instead of at every steered site keeps the per-site cost to the controller's own
+        arithmetic (see benchmarks/overhead.py). ``None`` as mask means "every position".
+        """
+        ctx = self._ctx
+        assert ctx is not None
+        plan: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        seen: set[int] = set()
+        for groups in self._groups.values():
+            for g in groups:
+                if id(g) in seen:
+                    continue
+                seen.add(id(g))
+                strengths = g.strengths.to(device)
+                active = g.active.to(device)
+                if not self.per_row:
+                    strengths = strengths.expand(batch)
+                    active = active.expand(batch)
+                mask = g.scope.mask(ctx.positions, ctx.prompt_len) & active[:, None]
+                if not bool(mask.any()):
+                    continue
+                plan[id(g)] = (strengths, None if bool(mask.all()) else mask[..., None])
+        self._plan = plan
 
     def _apply(self, site: Site, h: torch.Tensor) -> torch.Tensor:
         ctx = self._ctx
         if ctx is None:
             raise SteeringError("a steered block ran before the model's forward pass started")
-        batch = h.shape[0]
         for g in self._groups.get(site, []):
-            strengths = g.strengths.to(h.device)
-            active = g.active.to(h.device)
-            if not self.per_row:
-                strengths = strengths.expand(batch)
-                active = active.expand(batch)
-            mask = g.scope.mask(ctx.positions, ctx.prompt_len) & active[:, None]
-            if not bool(mask.any()):
+            planned = self._plan.get(id(g))
+            if planned is None:
                 continue
+            strengths, mask = planned
+            if strengths.device != h.device:  # a model split over devices
+                strengths = strengths.to(h.device)
+                mask = mask.to(h.device) if mask is not None else None
             new = g.controller.steer(g.own_sites.get(site, site), h, strengths, ctx)
             if new.shape != h.shape:
                 raise SteeringError(
                     f"{g.controller.method} returned shape {tuple(new.shape)} at {site}, "
                     f"expected {tuple(h.shape)}"
                 )
-            h = torch.where(mask[..., None], new.to(h.dtype), h)
+            h = new.to(h.dtype) if mask is None else torch.where(mask, new.to(h.dtype), h)
         return h
 
     def _make_pre_hook(self, site: Site, write: bool, read: bool) -> Any:
@@ -345,6 +372,7 @@ class steering:
         self._positions = None
         self._prompt_len = None
         self._ctx = None
+        self._plan = {}
 
     def __exit__(
         self,

@@ -8,14 +8,18 @@ fingerprint, fit time and figures).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+
+import torch
 
 from steerlab.activations import Position, Sample, collect, token_activations
 from steerlab.data import ContrastiveSet, Renderer
 from steerlab.errors import DataError
 from steerlab.methods.actadd import ActAdd
+from steerlab.methods.alqr import ALQR, SPID, ActAddLFS
 from steerlab.methods.caa import CAA
 from steerlab.models import LoadedModel
-from steerlab.sites import find_layers
+from steerlab.sites import Site, find_layers
 
 _RECIPE_POSITION = {
     "ab": Position.answer_letter(),
@@ -93,4 +97,108 @@ def fit_actadd(lm: LoadedModel, controller: ActAdd | None = None) -> ActAdd:
     controller.fit(pos, neg)
     controller.model_info = lm.info
     controller.fit_info["fit_seconds"] = round(time.perf_counter() - start, 3)
+    return controller
+
+
+def lfs_activations(
+    lm: LoadedModel,
+    data: ContrastiveSet,
+    *,
+    recipe: str = "mean",
+    renderer: Renderer | None = None,
+    batch_size: int = 16,
+    cache: bool = True,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-input activations of every block for both sides of a contrastive set.
+
+    Returns ``(positive, negative)``, each ``(N, L, d)``: ``resid_pre.k`` for k = 0 … L−1 at
+    the recipe's position (``mean``: completion mean; ``last``; ``ab``: answer letter).
+    """
+    data.validate(min_size=1)
+    renderer = renderer or Renderer(lm.tokenizer)
+    sites = [Site("resid_pre", k) for k in range(lm.info.num_layers)]
+    position = _RECIPE_POSITION[recipe]
+    pos_s, neg_s = contrastive_samples(data, renderer)
+    out = []
+    for samples, desc in ((pos_s, "positive activations"), (neg_s, "negative activations")):
+        acts = collect(lm, samples, sites, position, batch_size=batch_size, cache=cache,
+                       progress=progress, desc=desc)
+        out.append(torch.stack([acts[s] for s in sites], dim=1))
+    return out[0], out[1]
+
+
+def jacobian_texts(data: ContrastiveSet, n: int) -> list[str]:
+    """Positive-class texts for the Jacobians: the first ``n`` "prompt + positive completion",
+    unrendered (the paper linearises along raw positive-class text, e.g. concept sentences;
+    with a chat template, 24 tokens would be almost all template)."""
+    return [f"{p.prompt} {p.positive}" for p in list(data)[:n]]
+
+
+def fit_alqr(
+    lm: LoadedModel,
+    data: ContrastiveSet | Sequence[ContrastiveSet],
+    controller: ALQR | None = None,
+    *,
+    jacobian_data: Sequence[str] | None = None,
+    renderer: Renderer | None = None,
+    batch_size: int = 16,
+    cache: bool = True,
+    progress: bool = True,
+) -> ALQR:
+    """Fit A-LQR (or A-LQR+): LFS per concept, block Jacobians, Riccati gains.
+
+    ``data`` is one contrastive set per concept; the Jacobians are taken along
+    ``jacobian_data`` (default: the first concept's positive texts). ``fit_info`` records the
+    time of each step.
+    """
+    from steerlab.control.jacobians import block_jacobians
+
+    controller = controller or ALQR()
+    sets = [data] if isinstance(data, ContrastiveSet) else list(data)
+    if not sets:
+        raise DataError("give at least one contrastive set")
+    start = time.perf_counter()
+    concepts = [lfs_activations(lm, s, recipe=controller.recipe, renderer=renderer,
+                                batch_size=batch_size, cache=cache, progress=progress)
+                for s in sets]
+    t_collect = time.perf_counter() - start
+    texts = list(jacobian_data) if jacobian_data is not None else jacobian_texts(
+        sets[0], controller.n_jacobian_prompts)
+    t0 = time.perf_counter()
+    jac = block_jacobians(lm, texts, max_tokens=controller.max_tokens, rendered=False,
+                          progress=progress)
+    t_jac = time.perf_counter() - t0
+    controller.fit(concepts, jac.A)
+    controller.model_info = lm.info
+    controller.data_fingerprint = sets[0].fingerprint() if len(sets) == 1 else \
+        "+".join(s.fingerprint()[:16] for s in sets)
+    controller.fit_info.update(
+        data=[s.name for s in sets],
+        collect_seconds=round(t_collect, 3),
+        jacobian_seconds=round(t_jac, 3),
+        jacobian_prompts=len(texts),
+        fit_seconds=round(time.perf_counter() - start, 3),
+    )
+    return controller
+
+
+def fit_lfs_baseline(
+    lm: LoadedModel,
+    data: ContrastiveSet | Sequence[ContrastiveSet],
+    controller: SPID | ActAddLFS,
+    *,
+    renderer: Renderer | None = None,
+    cache: bool = True,
+    progress: bool = True,
+) -> SPID | ActAddLFS:
+    """Fit S-PID or ActAdd-LFS: the LFS only (no Jacobians)."""
+    sets = [data] if isinstance(data, ContrastiveSet) else list(data)
+    start = time.perf_counter()
+    concepts = [lfs_activations(lm, s, recipe=controller.recipe, renderer=renderer, cache=cache,
+                                progress=progress) for s in sets]
+    controller.fit(concepts)
+    controller.model_info = lm.info
+    controller.data_fingerprint = sets[0].fingerprint()
+    controller.fit_info.update(fit_seconds=round(time.perf_counter() - start, 3))
     return controller

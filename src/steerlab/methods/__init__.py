@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from steerlab.methods.actadd import ActAdd
+from steerlab.methods.alqr import ALQR, SPID, ActAddLFS, ALQRPlus
 from steerlab.methods.base import Controller
 from steerlab.methods.caa import CAA
 
-METHODS: dict[str, type[Controller]] = {"caa": CAA, "actadd": ActAdd}
+METHODS: dict[str, type[Controller]] = {
+    "caa": CAA,
+    "actadd": ActAdd,
+    "alqr": ALQR,
+    "alqr_plus": ALQRPlus,
+    "spid": SPID,
+    "actadd_lfs": ActAddLFS,
+}
 
-__all__ = ["CAA", "METHODS", "ActAdd", "Controller"]
+__all__ = ["ALQR", "CAA", "METHODS", "SPID", "ALQRPlus", "ActAdd", "ActAddLFS", "Controller"]

@@ -31,6 +31,9 @@ class StepContext:
     positions: torch.Tensor  # (batch, seq) absolute positions, -1 on padding
     prompt_len: torch.Tensor  # (batch,)
     reads: dict[Site, torch.Tensor] = field(default_factory=dict)  # tensors at read_sites
+    # Per-forward-pass working memory of controllers that carry state across layers (S-PID),
+    # keyed by id(controller); a new context object per forward pass, so nothing leaks.
+    scratch: dict[int, Any] = field(default_factory=dict)
 
 
 class Controller(ABC):

@@ -1,0 +1,1 @@
+"""Model-based control of the residual stream: block Jacobians and LQR gains (A-LQR)."""

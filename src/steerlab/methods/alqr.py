@@ -1,0 +1,415 @@
+"""A-LQR and A-LQR+: closed-loop steering with layer-wise Jacobians and LQR gains.
+
+Skifstad, Yang, Chou, "Local Linearity of LLMs Enables Activation Steering via Model-Based
+Linear Optimal Control", ICML 2026 (arXiv:2604.19018; reference code
+trustworthyrobotics/lqr-activation-steering). Also the paper's own baselines on the same
+setpoint: S-PID and ActAdd-LFS.
+
+**System.** The layer index is time. The state z_k ∈ R^d is the residual stream entering block
+k (site ``resid_pre.k``); the control u_k is added to the block's output (``resid_post.k``):
+z_{k+1} = φ_k(z_k) + u_k, i.e. B = I. Every block k = 0 … L−1 is steered.
+
+**Linear feature setpoint (LFS).** From a contrastive set, per block input k:
+e_k = z̄_{k,+} − z̄_{k,−}, μ_k = ‖e_k‖, v_k = e_k/μ_k, target β*_k = λ·μ_k. Online, per row
+(and per position), the error is α_k = β*_k − v_kᵀz_k; the reference state is the nearest
+point on {z : v_kᵀz = β*_k}, so the deviation is δz_k = −α_k v_k.
+
+**Linearisation.** A_k = ∂[φ_k(Z_k)]_last/∂(z_k)_last, averaged over unsteered forward passes
+of positive-class texts (:mod:`steerlab.control.jacobians`; ours perturbs only the last row
+against the context's cached keys/values instead of reverse mode over the whole block).
+
+**LQR.** Finite-horizon, time-varying, Q = qI, R = rI, Q_f = q_f I:
+S_L = Q_f; K_k = (S_{k+1} + rI)⁻¹ S_{k+1} A_k; S_k = qI + A_kᵀS_{k+1}A_k − A_kᵀS_{k+1}K_k
+(:mod:`steerlab.control.riccati`, linear solves only). Control law (paper Eq. 19):
+u_k = −K_k δz_k = α_k K_k v_k = α_k w_k. Only w_k = K_k v_k is kept (the full K on request),
+so the online cost is one dot product and one scaled add per block and concept (the
+reference does a d×d matvec per token and layer; identical result, proved in the tests).
+
+**Scopes.** ``ALQR`` steers the last position of each forward pass (scope ``last``: the last
+prompt token, then every generated token). ``ALQRPlus`` applies the same law at every
+position (scope ``all``); unlike the reference code, left padding is never steered.
+
+**Several concepts** share K: u_k = Σ_c α_{k,c} w_{k,c}, one (v, μ) and one λ_c per concept.
+
+**Strength.** The runtime strength multiplies λ: β*_{k,c} = strength · λ_c · μ_{k,c}, so
+``Steer(alqr, 2.0)`` asks for twice the class gap along v_k. Strength 0 drives the projection
+to zero (feature removal); a row without the controller is not steered at all.
+
+Defaults (spec section 7): q = 0.1, r = 3, q_f = 0.1 (Gemma-2-2B toxicity); λ = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from steerlab.errors import DataError, SteeringError
+from steerlab.methods.base import Controller, StepContext, check_finite
+from steerlab.scope import parse_scope
+from steerlab.sites import Site
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError) as exc:
+        raise SteeringError(f"{name} must be a number, got {value!r}") from exc
+    if not math.isfinite(f) or f < 0 or (f == 0 and not allow_zero):
+        need = "non-negative" if allow_zero else "positive"
+        raise SteeringError(f"{name} must be a finite, {need} number, got {value!r}")
+    return f
+
+
+def linear_feature_setpoint(
+    positive: torch.Tensor, negative: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LFS directions and gaps from block-input activations ``(N, L, d)`` of each class.
+
+    Returns ``v`` (L, d), unit rows, and ``mu`` (L,). Raises :class:`DataError` where the
+    class means coincide (μ_k = 0): there is no feature to steer there.
+    """
+    if positive.ndim != 3 or negative.ndim != 3 or positive.shape[1:] != negative.shape[1:]:
+        raise DataError(
+            f"LFS needs (N, L, d) activations of both classes with the same (L, d); got "
+            f"{tuple(positive.shape)} and {tuple(negative.shape)}"
+        )
+    if positive.shape[0] < 1 or negative.shape[0] < 1:
+        raise DataError("LFS needs at least one example of each class")
+    check_finite("positive activations", positive)
+    check_finite("negative activations", negative)
+    e = positive.to(torch.float32).mean(0) - negative.to(torch.float32).mean(0)
+    mu = e.norm(dim=-1)
+    scale = float(mu.max()) if mu.numel() else 0.0
+    flat = (mu <= 1e-7 * max(scale, 1e-30)).nonzero().flatten().tolist()
+    if flat:
+        raise DataError(
+            f"the class means coincide at block input(s) {flat} (μ_k = 0): the contrastive set "
+            f"does not separate the classes there; check that positives and negatives differ"
+        )
+    return e / mu[:, None], mu
+
+
+class LFSController(Controller):
+    """Shared state and plumbing of controllers built on the linear feature setpoint.
+
+    Learned: ``v`` (C, L, d) unit directions, ``mu`` (C, L) class gaps, one row per concept.
+    """
+
+    v: torch.Tensor
+    mu: torch.Tensor
+
+    def __init__(self, lambdas: float | Sequence[float], scope: str) -> None:
+        super().__init__()
+        lam = [lambdas] if isinstance(lambdas, (int, float)) else list(lambdas)
+        if not lam:
+            raise SteeringError("give at least one λ (one per concept)")
+        self.lambdas = [_positive("λ", x, allow_zero=True) for x in lam]
+        self.scope = scope
+        self.default_scope = parse_scope(scope)
+        self.v = torch.empty(0)
+        self.mu = torch.empty(0)
+        self._cast: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.v.shape[1]) if self.v.ndim == 3 else 0
+
+    def steered_layers(self) -> list[int]:
+        return list(range(self.num_layers))
+
+    @property
+    def read_sites(self) -> list[Site]:
+        return [Site("resid_pre", k) for k in self.steered_layers()]
+
+    def set_setpoint(self, v: torch.Tensor, mu: torch.Tensor) -> None:
+        if v.ndim == 2:
+            v, mu = v[None], mu[None]
+        if v.shape[0] != len(self.lambdas):
+            if len(self.lambdas) == 1:
+                self.lambdas = self.lambdas * int(v.shape[0])
+            else:
+                raise SteeringError(
+                    f"{len(self.lambdas)} λ values for {v.shape[0]} concepts; give one each"
+                )
+        self.v, self.mu = v.to(torch.float32), mu.to(torch.float32)
+        self.sites = [Site("resid_post", k) for k in self.steered_layers()]
+        self._cast = {}
+
+    def fit_setpoint(
+        self, concepts: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LFS of each concept from its (positive, negative) ``(N, L, d)`` activations."""
+        if not concepts:
+            raise DataError("give at least one concept (positive, negative activations)")
+        vs, mus = zip(*(linear_feature_setpoint(p, n) for p, n in concepts), strict=True)
+        return torch.stack(vs), torch.stack(mus)
+
+    def _get(self, name: str, t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        key = (name, torch.float32, ref.device)
+        out = self._cast.get(key)
+        if out is None:
+            out = t.to(device=ref.device, dtype=torch.float32)
+            self._cast[key] = out
+        return out
+
+    def alpha(self, k: int, z: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+        """α_{k,c} = strength·λ_c·μ_{k,c} − v_{k,c}ᵀz, shape (B, T, C), in float32."""
+        v = self._get("v", self.v, z)[:, k, :]  # (C, d)
+        mu = self._get("mu", self.mu, z)[:, k]  # (C,)
+        lam = self._get("lam", torch.tensor(self.lambdas), z)  # (C,)
+        zf = z.to(torch.float32)
+        proj = zf @ v.T  # (B, T, C)
+        target = strength.to(torch.float32)[:, None, None] * (lam * mu)[None, None, :]
+        return target - proj
+
+    def projection(self, k: int, z: torch.Tensor) -> torch.Tensor:
+        """v_{k,c}ᵀ z for each concept: (B, T, C)."""
+        return z.to(torch.float32) @ self._get("v", self.v, z)[:, k, :].T
+
+    def _read(self, ctx: StepContext, k: int) -> torch.Tensor:
+        z = ctx.reads.get(Site("resid_pre", k))
+        if z is None:
+            raise SteeringError(
+                f"{self.method} needs the input of block {k} but the runtime did not read it"
+            )
+        return z
+
+    def _check_width(self, h: torch.Tensor) -> None:
+        if h.shape[-1] != self.v.shape[-1]:
+            raise SteeringError(
+                f"{self.method} was fitted with width {self.v.shape[-1]}, the activation has "
+                f"{h.shape[-1]}"
+            )
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        return {"v": self.v.contiguous(), "mu": self.mu.contiguous()}
+
+
+class ALQR(LFSController):
+    """A-LQR: LQR feedback on every block towards the linear feature setpoint.
+
+    Args:
+        q, r, q_f: LQR costs (Q = qI, R = rI, Q_f = q_f I), all positive.
+        lambdas: LFS scale λ per concept (target β*_k = λ·μ_k).
+        n_jacobian_prompts: positive-class texts whose Jacobians are averaged (fit helper).
+        max_tokens: truncation of those texts (24 as in the paper).
+        keep_K: keep the full gains K (L, d, d) in memory and in artifacts.
+        scope: default token scope (``last`` for A-LQR, ``all`` for A-LQR+).
+    """
+
+    method = "alqr"
+
+    def __init__(
+        self,
+        *,
+        q: float = 0.1,
+        r: float = 3.0,
+        q_f: float = 0.1,
+        lambdas: float | Sequence[float] = 1.0,
+        n_jacobian_prompts: int = 32,
+        max_tokens: int = 24,
+        recipe: str = "mean",
+        keep_K: bool = False,
+        scope: str = "last",
+    ) -> None:
+        super().__init__(lambdas, scope)
+        self.q = _positive("q", q)
+        self.r = _positive("r", r)
+        self.q_f = _positive("q_f", q_f)
+        if n_jacobian_prompts < 1 or max_tokens < 2:
+            raise SteeringError("n_jacobian_prompts must be >= 1 and max_tokens >= 2")
+        if recipe not in ("ab", "last", "mean"):
+            raise SteeringError(f"unknown recipe {recipe!r}; use ab, last or mean")
+        self.n_jacobian_prompts = int(n_jacobian_prompts)
+        self.max_tokens = int(max_tokens)
+        self.recipe = recipe
+        self.keep_K = bool(keep_K)
+        self.w = torch.empty(0)
+        self.K: torch.Tensor | None = None
+
+    def fit(
+        self, concepts: Sequence[tuple[torch.Tensor, torch.Tensor]], A: torch.Tensor
+    ) -> ALQR:
+        """Learn the setpoint(s) and the gains.
+
+        Args:
+            concepts: per concept, (positive, negative) block-input activations (N, L, d).
+            A: averaged block Jacobians (L, d, d).
+        """
+        from steerlab.control.riccati import lqr_gains
+
+        v, mu = self.fit_setpoint(concepts)
+        if A.ndim != 3 or A.shape[0] != v.shape[1] or A.shape[1:] != (v.shape[2], v.shape[2]):
+            raise DataError(
+                f"Jacobians of shape {tuple(A.shape)} do not match {v.shape[1]} layers of width "
+                f"{v.shape[2]}"
+            )
+        gains = lqr_gains(A.to(torch.float32), v, q=self.q, r=self.r, q_f=self.q_f,
+                          keep_K=self.keep_K)
+        self.set_setpoint(v, mu)
+        self.w = gains.W.to(torch.float32)
+        self.K = gains.K if self.keep_K else None
+        self.fit_info.update(riccati_seconds=round(gains.seconds, 3),
+                             riccati_cond_max=float(gains.cond_max),
+                             mu=[[round(float(x), 4) for x in row] for row in mu])
+        return self
+
+    def steer(
+        self, site: Site, h: torch.Tensor, strength: torch.Tensor, ctx: StepContext
+    ) -> torch.Tensor:
+        self._check_width(h)
+        k = site.layer
+        alpha = self.alpha(k, self._read(ctx, k), strength)  # (B, T, C)
+        w = self._get("w", self.w, h)[:, k, :]  # (C, d)
+        return (h.to(torch.float32) + alpha @ w).to(h.dtype)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"q": self.q, "r": self.r, "q_f": self.q_f, "lambdas": self.lambdas,
+                "n_jacobian_prompts": self.n_jacobian_prompts, "max_tokens": self.max_tokens,
+                "recipe": self.recipe, "keep_K": self.keep_K, "scope": self.scope}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {**self.base_state(), "w": self.w.contiguous()}
+        if self.K is not None:
+            out["K"] = self.K.contiguous()
+        return out
+
+    def load_state(self, tensors: dict[str, torch.Tensor], sites: list[Site]) -> None:
+        self.set_setpoint(tensors["v"], tensors["mu"])
+        self.w = tensors["w"].to(torch.float32)
+        self.K = tensors.get("K")
+        if self.w.shape != self.v.shape:
+            raise DataError(f"w has shape {tuple(self.w.shape)}, v {tuple(self.v.shape)}")
+
+
+class ALQRPlus(ALQR):
+    """A-LQR+: the A-LQR law at every real position (never padding); see the module doc."""
+
+    method = "alqr_plus"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("scope", "all")
+        super().__init__(**kwargs)
+
+
+class SPID(LFSController):
+    """S-PID, the A-LQR paper's baseline: a PID controller on the LFS error over depth.
+
+    e_k = Σ_c α_{k,c} v_{k,c} (the LFS error vector at block input k), and
+    u_k = K_p e_k + K_i I_k + K_d (e_k − e_{k−1}) with I_k = Σ_{j=j₀..k} e_j, the integral
+    reset at layers k ≡ 0 (mod ``reset_every``), e_{−1} = 0. Deviation from the reference:
+    it also accumulates the integral across tokens of a generation, which makes the output
+    depend on whether the KV cache is used; ours accumulates over depth within each forward
+    pass only, so cached and uncached generation agree.
+    """
+
+    method = "spid"
+
+    def __init__(
+        self,
+        *,
+        kp: float = 0.7,
+        ki: float = 0.01,
+        kd: float = 0.1,
+        reset_every: int = 10,
+        lambdas: float | Sequence[float] = 1.0,
+        recipe: str = "mean",
+        scope: str = "last",
+    ) -> None:
+        super().__init__(lambdas, scope)
+        self.kp = _positive("kp", kp, allow_zero=True)
+        self.ki = _positive("ki", ki, allow_zero=True)
+        self.kd = _positive("kd", kd, allow_zero=True)
+        if reset_every < 1:
+            raise SteeringError("reset_every must be >= 1")
+        self.reset_every = int(reset_every)
+        self.recipe = recipe
+
+    def fit(self, concepts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> SPID:
+        self.set_setpoint(*self.fit_setpoint(concepts))
+        return self
+
+    def steer(
+        self, site: Site, h: torch.Tensor, strength: torch.Tensor, ctx: StepContext
+    ) -> torch.Tensor:
+        self._check_width(h)
+        k = site.layer
+        alpha = self.alpha(k, self._read(ctx, k), strength)
+        e = alpha @ self._get("v", self.v, h)[:, k, :]  # (B, T, d)
+        state = ctx.scratch.setdefault(id(self), {})
+        prev = state.get("e") if state.get("k") == k - 1 else None
+        integral = state.get("I") if (k % self.reset_every != 0 and prev is not None) else None
+        integral = e if integral is None else integral + e
+        derivative = e if prev is None else e - prev
+        state.update(k=k, e=e, I=integral)
+        u = self.kp * e + self.ki * integral + self.kd * derivative
+        return (h.to(torch.float32) + u).to(h.dtype)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"kp": self.kp, "ki": self.ki, "kd": self.kd, "reset_every": self.reset_every,
+                "lambdas": self.lambdas, "recipe": self.recipe, "scope": self.scope}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.base_state()
+
+    def load_state(self, tensors: dict[str, torch.Tensor], sites: list[Site]) -> None:
+        self.set_setpoint(tensors["v"], tensors["mu"])
+
+
+class ActAddLFS(LFSController):
+    """ActAdd-LFS, the A-LQR paper's baseline: a P-controller on the LFS error at chosen
+    layers, u_k = K_p Σ_c α_{k,c} v_{k,c} for k in ``layers`` (no model, no feedback across
+    layers beyond what the forward pass propagates)."""
+
+    method = "actadd_lfs"
+
+    def __init__(
+        self,
+        layers: Sequence[int] | int = (8,),
+        *,
+        kp: float = 1.0,
+        lambdas: float | Sequence[float] = 1.0,
+        recipe: str = "mean",
+        scope: str = "last",
+    ) -> None:
+        super().__init__(lambdas, scope)
+        self.layers = [int(layers)] if isinstance(layers, int) else [int(x) for x in layers]
+        if not self.layers:
+            raise SteeringError("give at least one layer")
+        self.kp = _positive("kp", kp)
+        self.recipe = recipe
+
+    def steered_layers(self) -> list[int]:
+        n = self.num_layers
+        return sorted({k + n if k < 0 else k for k in self.layers}) if n else []
+
+    def fit(self, concepts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> ActAddLFS:
+        v, mu = self.fit_setpoint(concepts)
+        n = v.shape[1]
+        bad = [k for k in self.layers if not -n <= k < n]
+        if bad:
+            raise SteeringError(f"layers {bad} out of range for {n} blocks")
+        self.set_setpoint(v, mu)
+        return self
+
+    def steer(
+        self, site: Site, h: torch.Tensor, strength: torch.Tensor, ctx: StepContext
+    ) -> torch.Tensor:
+        self._check_width(h)
+        k = site.layer
+        alpha = self.alpha(k, self._read(ctx, k), strength)
+        u = self.kp * (alpha @ self._get("v", self.v, h)[:, k, :])
+        return (h.to(torch.float32) + u).to(h.dtype)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"layers": self.layers, "kp": self.kp, "lambdas": self.lambdas,
+                "recipe": self.recipe, "scope": self.scope}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.base_state()
+
+    def load_state(self, tensors: dict[str, torch.Tensor], sites: list[Site]) -> None:
+        self.set_setpoint(tensors["v"], tensors["mu"])

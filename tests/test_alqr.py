@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_methods import SENT
-from tiny_models import tiny_model
 
 from steerlab import artifacts
 from steerlab.errors import DataError, SteeringError
@@ -17,6 +15,8 @@ from steerlab.methods.alqr import linear_feature_setpoint
 from steerlab.methods.base import StepContext
 from steerlab.runtime import Steer, generate, steering
 from steerlab.sites import Site
+from test_methods import SENT
+from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 ARCHS = ["llama", "gemma3_text", "gpt2", "qwen2"]
@@ -158,7 +158,7 @@ def test_fit_alqr_end_to_end_and_artifact(arch: str, tmp_path: Path) -> None:
     for key in ("collect_seconds", "jacobian_seconds", "riccati_seconds"):
         assert key in c.fit_info
     pos, neg = lfs_activations(lm, SENT, cache=False, progress=False)
-    v, mu = linear_feature_setpoint(pos, neg)
+    v, _ = linear_feature_setpoint(pos, neg)
     torch.testing.assert_close(c.v[0], v)
     path = artifacts.save(c, tmp_path / "alqr")
     back = artifacts.load(path, lm.info)

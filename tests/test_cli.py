@@ -76,3 +76,17 @@ def test_errors_exit_2_with_message(folder: Path, data: Path, tmp_path: Path) ->
 def test_models_lists_embedded() -> None:
     r = runner.invoke(app, ["models"])
     assert r.exit_code == 0 and "smollm2-135m" in r.output and "gemma3-270m" in r.output
+
+
+def test_diagnose_alqr_writes_figures(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "diag"
+    r = runner.invoke(app, ["diagnose", "alqr", "--model", str(folder), "--out", str(out),
+                            "--prompts", "2"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"linearity", "bound", "setpoint", "fit"} <= set(summary)
+    for name in ("linearity_local", "alignment_within", "tracking_bound", "setpoint_alqr"):
+        assert (out / f"{name}.png").is_file() and (out / f"{name}.json").is_file()
+    r = runner.invoke(app, ["diagnose", "alqr", "--model", str(folder), "--out", str(out),
+                            "--what", "nonsense"])
+    assert r.exit_code == 2 and "unknown diagnostics" in r.output

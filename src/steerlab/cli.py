@@ -103,7 +103,9 @@ def demo(
 def fit(
     out: Annotated[Path, typer.Option("--out", "-o", help="artifact path (.safetensors)")],
     model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
-    method: Annotated[str, typer.Option(help="caa or actadd")] = "caa",
+    method: Annotated[str, typer.Option(help="caa, actadd, alqr, alqr_plus, spid, actadd_lfs")] = (
+        "caa"
+    ),
     data: Annotated[str, typer.Option(help="'sentiment' (built in) or a dataset path")] = (
         "sentiment"
     ),
@@ -113,8 +115,13 @@ def fit(
     positive: Annotated[str, typer.Option(help="ActAdd positive prompt")] = "Love",
     negative: Annotated[str, typer.Option(help="ActAdd negative prompt")] = "Hate",
     limit: Annotated[int, typer.Option(help="use at most this many pairs (0: all)")] = 0,
+    lam: Annotated[float, typer.Option("--lambda", help="LFS scale λ (A-LQR family)")] = 1.0,
+    q: Annotated[float, typer.Option(help="A-LQR state cost Q = qI")] = 0.1,
+    r: Annotated[float, typer.Option(help="A-LQR control cost R = rI")] = 3.0,
+    q_f: Annotated[float, typer.Option(help="A-LQR terminal cost Q_f = q_f I")] = 0.1,
+    keep_k: Annotated[bool, typer.Option("--keep-K", help="store the full gains K")] = False,
 ) -> None:
-    """Fit a controller and save it as an artifact."""
+    """Fit a controller (caa, actadd, alqr, alqr_plus, spid, actadd_lfs); save an artifact."""
     try:
         from steerlab import artifacts
         from steerlab.data import ContrastiveSet, load_dataset, sentiment_pairs
@@ -136,8 +143,31 @@ def fit(
             controller = fit_actadd(
                 lm, ActAdd(layer=layer_list[0], positive=positive, negative=negative, scope=scope)
             )
+        elif method in ("alqr", "alqr_plus", "spid", "actadd_lfs"):
+            from steerlab.fitting import fit_alqr, fit_lfs_baseline
+            from steerlab.methods import SPID, ActAddLFS, ALQRPlus
+            from steerlab.methods.alqr import ALQR
+
+            dataset = sentiment_pairs() if data == "sentiment" else load_dataset(data)
+            if not isinstance(dataset, ContrastiveSet):
+                raise SteerlabError(f"{data} is a labelled set; {method} needs contrastive pairs")
+            if limit:
+                dataset = dataset[:limit]
+            lfs_kw: dict[str, Any] = {"lambdas": lam, "recipe": recipe}
+            if method in ("alqr", "alqr_plus"):
+                cls = ALQR if method == "alqr" else ALQRPlus
+                controller = fit_alqr(lm, dataset, cls(q=q, r=r, q_f=q_f, keep_K=keep_k,
+                                                       **lfs_kw))
+            elif method == "spid":
+                controller = fit_lfs_baseline(lm, dataset, SPID(**lfs_kw))
+            else:
+                controller = fit_lfs_baseline(lm, dataset, ActAddLFS(layers=layer_list,
+                                                                    **lfs_kw))
         else:
-            raise SteerlabError(f"unknown method {method!r}; this version has caa and actadd")
+            raise SteerlabError(
+                f"unknown method {method!r}; use caa, actadd, alqr, alqr_plus, spid or "
+                f"actadd_lfs"
+            )
         path = artifacts.save(controller, out)
         console.print(f"[green]saved[/] {path}")
         console.print_json(json.dumps(controller.fit_info))
@@ -263,6 +293,63 @@ def import_gguf(
         lm = _load(model)
         controller = artifacts.import_gguf(gguf_file, lm.info)
         console.print(f"[green]saved[/] {artifacts.save(controller, out)}")
+    except SteerlabError as exc:
+        _fail(exc)
+
+
+diagnose_app = typer.Typer(help="Diagnostics of model-based steering (A-LQR paper, sec. 6).",
+                           no_args_is_help=True)
+app.add_typer(diagnose_app, name="diagnose")
+
+
+@diagnose_app.command("alqr")
+def diagnose_alqr(
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for PNG/JSON/markdown")],
+    model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
+    what: Annotated[str, typer.Option(help="comma list: linearity,bound,setpoint")] = (
+        "linearity,bound,setpoint"
+    ),
+    strength: Annotated[float, typer.Option(help="λ multiplier while steering")] = 1.0,
+    prompts: Annotated[int, typer.Option(help="prompts per diagnostic")] = 8,
+) -> None:
+    """Fit A-LQR on the built-in sentiment set and run the paper's diagnostics:
+    (a) local linearity and Jacobian alignment, (b) tracking-error bound, (c) setpoint."""
+    try:
+        from steerlab.data import neutral_prompts, sentiment_pairs
+        from steerlab.diagnostics.alqr import linearity_report, setpoint_report, tracking_report
+        from steerlab.fitting import fit_alqr
+        from steerlab.methods.alqr import ALQR
+
+        chosen = {w.strip() for w in what.split(",") if w.strip()}
+        unknown = chosen - {"linearity", "bound", "setpoint"}
+        if unknown:
+            raise SteerlabError(f"unknown diagnostics {sorted(unknown)}; use linearity, bound, "
+                                f"setpoint")
+        lm = _load(model)
+        data = sentiment_pairs()
+        summary: dict[str, Any] = {"model": lm.info.as_dict()}
+        held_out = neutral_prompts()[: max(prompts, 1)]
+        alqr = None
+        if chosen & {"bound", "setpoint"}:
+            console.print("fitting A-LQR (LFS, Jacobians, Riccati)...")
+            alqr = fit_alqr(lm, data, ALQR())
+            summary["fit"] = alqr.fit_info
+        if "linearity" in chosen:
+            console.print("local linearity and Jacobian alignment...")
+            pos = [f"{p.prompt} {p.positive}" for p in data][:prompts]
+            other = neutral_prompts()[-prompts:]
+            summary["linearity"] = linearity_report(lm, pos, out, other_texts=other,
+                                                    n_prompts=prompts)
+        if "bound" in chosen and alqr is not None and alqr.A is not None:
+            console.print("tracking-error bound...")
+            summary["bound"] = tracking_report(lm, alqr, alqr.A, held_out, out,
+                                               strength=strength)
+        if "setpoint" in chosen and alqr is not None:
+            console.print("setpoint tracking...")
+            summary["setpoint"] = setpoint_report(lm, alqr, held_out, out, strength=strength)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        console.print(f"[green]wrote[/] {out}/ (summary.json and the figures)")
     except SteerlabError as exc:
         _fail(exc)
 

@@ -31,6 +31,7 @@ The model must be float32 (load it with ``dtype=torch.float32``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +47,8 @@ from steerlab.sites import LayerMap, Site, find_layers, get_input, get_output, s
 
 JacobianMethod = Literal["fast", "reference"]
 JacMode = Literal["rev", "fwd"]
+BlockFn = Callable[[torch.Tensor], torch.Tensor]
+_OneToken = tuple[BlockFn, torch.Tensor, torch.Tensor]  # (f_k, z_k, real output last row)
 
 # f_k(z_k) must match the real decode-step output of block k to this relative error (float32
 # noise is ~1e-7; a wrong stand-in cache or missing argument gives errors of order 1).
@@ -119,6 +122,17 @@ class ContextCache:
 
 def _arch(lm: LoadedModel) -> str:
     return lm.info.architecture
+
+
+def _math_sdpa() -> contextlib.AbstractContextManager[None]:
+    """Route SDPA attention to its math kernel while differentiating.
+
+    The fused kernels have no forward-mode derivative and no vmap rule for their backward
+    (vmap then loops over the batch, slowly); the math kernel is plain batched tensor ops.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _block_name(lm: LoadedModel, layer: int) -> str:
@@ -245,7 +259,7 @@ def _capture(
 
 def _one_token_functions(
     lm: LoadedModel, layer_map: LayerMap, ids: torch.Tensor, layers: list[int]
-) -> dict[int, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor]]:
+) -> dict[int, _OneToken]:
     """Per block: ``(f_k, z_k, real output last row)`` at the last token of ``ids``."""
     model = lm.model
     cache_name = _cache_kwarg(model)
@@ -279,10 +293,16 @@ def _one_token_functions(
         model(input_ids=ids[:, -1:], use_cache=True, **{cache_name: cache})
 
     captured = _capture(model, layer_map, layers, decode, last_row_only=True)
-    result = {}
+    result: dict[int, _OneToken] = {}
     for k in layers:
         cap = captured[k]
         args, kwargs = _replace(cap.args, cap.kwargs, lambda o: o is cache, view)
+        if any(_is_cache(v) for v in (*args, *kwargs.values())):
+            raise JacobianError(
+                f"{_arch(lm)} block {k} ({_block_name(lm, k)}) receives a KV cache other than "
+                f"the model's own, which the fast method cannot replace by a read-only "
+                f"context; use method='reference'"
+            )
         block = layer_map.blocks[k]
         d = cap.z.shape[-1]
 
@@ -296,7 +316,7 @@ def _one_token_functions(
     return result
 
 
-def _self_check(lm: LoadedModel, layer: int, f: Callable[[torch.Tensor], torch.Tensor],
+def _self_check(lm: LoadedModel, layer: int, f: BlockFn,
                 z: torch.Tensor, real: torch.Tensor) -> None:
     try:
         with torch.no_grad():
@@ -309,27 +329,36 @@ def _self_check(lm: LoadedModel, layer: int, f: Callable[[torch.Tensor], torch.T
     err = float((got - real).norm() / real.norm().clamp_min(1e-30))
     if not math.isfinite(err) or err > _SELF_CHECK_RTOL:
         raise JacobianError(
-            f"{_arch(lm)} block {layer} ({_block_name(lm, layer)}): the one-token block function does not "
-            f"reproduce the model's own output (relative error {err:.2e}), so the block reads "
-            f"state the fast method does not capture; use method='reference'"
+            f"{_arch(lm)} block {layer} ({_block_name(lm, layer)}): the one-token block "
+            f"function does not reproduce the model's own output (relative error {err:.2e}), "
+            f"so the block reads state the fast method does not capture; use "
+            f"method='reference'"
         )
 
 
 def _jacobian_fast(
-    lm: LoadedModel, layer: int, f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor,
+    lm: LoadedModel, layer: int, f: BlockFn, z: torch.Tensor,
     mode: JacMode, chunk_size: int | None,
 ) -> torch.Tensor:
-    transform = torch.func.jacrev if mode == "rev" else torch.func.jacfwd
+    # The no_grad: the transform differentiates w.r.t. z only, so no parameter graph is built.
     try:
-        with torch.no_grad():  # the transform differentiates w.r.t. z only; no parameter graph
-            return transform(f, chunk_size=chunk_size)(z)
+        with torch.no_grad(), _math_sdpa():
+            if mode == "rev":
+                return torch.func.jacrev(f, chunk_size=chunk_size)(z)
+            # jacfwd has no chunk_size: vmap the JVP over the basis ourselves.
+            basis = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
+
+            def column(v: torch.Tensor) -> torch.Tensor:
+                return torch.func.jvp(f, (z,), (v,))[1]
+
+            return torch.func.vmap(column, chunk_size=chunk_size)(basis).T
     except Exception as exc:
         raise JacobianError(
             f"torch.func cannot differentiate {_arch(lm)} block {layer} "
-            f"({_block_name(lm, layer)}): "
-            f"{type(exc).__name__}: {exc}. Blocks with data-dependent Python control flow or "
-            f".item() calls are not transformable; use method='reference' (slower, plain "
-            f"autograd)"
+            f"({_block_name(lm, layer)}): {type(exc).__name__}: {exc}. Blocks that read "
+            f"tensor data outside torch (.numpy(), custom kernels, autograd Functions without "
+            f"torch.func support, e.g. quantised matmuls) cannot be transformed; use "
+            f"method='reference' (slower, plain autograd)"
         ) from exc
 
 
@@ -353,7 +382,8 @@ def _jacobians_reference(
             a, kw = set_input(args, kwargs, zz[None])
             return get_output(block(*a, **kw))[0, -1]
 
-        jac = torch.autograd.functional.jacobian(g, cap.z, vectorize=True)
+        with _math_sdpa():
+            jac = torch.autograd.functional.jacobian(g, cap.z, vectorize=True)
         assert isinstance(jac, torch.Tensor)
         out[k] = jac[:, -1, :].detach()
     return out
@@ -364,7 +394,7 @@ def _jacobians_reference(
 
 def block_function(
     lm: LoadedModel, text: str, layer: int, *, max_tokens: int = 24, rendered: bool = True
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+) -> tuple[BlockFn, torch.Tensor]:
     """Block ``layer`` as a function of the last input row of one prompt, and that row.
 
     Returns ``(f, z)``: ``f`` maps a ``(d,)`` float32 tensor (the block input at the prompt's

@@ -111,9 +111,7 @@ def _check_A(A: torch.Tensor) -> None:
 
 def _check_mode(on_ill_conditioned: str, cond_limit: float | None) -> None:
     if on_ill_conditioned not in ("raise", "warn"):
-        raise LQRError(
-            f"on_ill_conditioned must be 'raise' or 'warn', got {on_ill_conditioned!r}"
-        )
+        raise LQRError(f"on_ill_conditioned must be 'raise' or 'warn', got {on_ill_conditioned!r}")
     if cond_limit is not None and (
         isinstance(cond_limit, bool)
         or not isinstance(cond_limit, int | float)
@@ -185,7 +183,7 @@ def riccati(
     cond_limit: float | None = 1e8,
     on_ill_conditioned: OnIllConditioned = "raise",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plain backward recursion: gains ``K`` ``(L, d, d)`` and costs-to-go ``S`` ``(L+1, d, d)``.
+    """The plain backward recursion: gains ``K`` ``(L, d, d)``, costs-to-go ``S`` ``(L+1, d, d)``.
 
     ``S[L] = q_f·I`` and ``δz_0ᵀ S[0] δz_0`` is the optimal cost from ``δz_0``. Both are
     float32 (float64 when ``A`` is float64). Holds all of ``K`` and ``S``: meant for tests and

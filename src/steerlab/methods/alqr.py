@@ -229,6 +229,7 @@ class ALQR(LFSController):
         self.keep_K = bool(keep_K)
         self.w = torch.empty(0)
         self.K: torch.Tensor | None = None
+        self.A: torch.Tensor | None = None  # the Jacobians of the last fit (not saved)
 
     def fit(
         self, concepts: Sequence[tuple[torch.Tensor, torch.Tensor]], A: torch.Tensor
@@ -252,6 +253,7 @@ class ALQR(LFSController):
         self.set_setpoint(v, mu)
         self.w = gains.W.to(torch.float32)
         self.K = gains.K if self.keep_K else None
+        self.A = A.to(torch.float32)
         self.fit_info.update(riccati_seconds=round(gains.seconds, 3),
                              riccati_cond_max=float(gains.cond_max),
                              mu=[[round(float(x), 4) for x in row] for row in mu])

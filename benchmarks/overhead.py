@@ -143,6 +143,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("vectors: fit_caa on sentiment_pairs() (recipe 'last', cached activations)")
     for name, steers in configs.items():
         for s in steers:
+            if "vector_norms" not in s.controller.fit_info:
+                fi = s.controller.fit_info
+                print(f"  {name}: A-LQR, λ x {s.strength}, scope {s.resolved_scope()}, fit "
+                      f"{fi.get('fit_seconds')} s")
+                continue
             norms = s.controller.fit_info["vector_norms"]
             vals = sorted(norms.values())
             print(

@@ -143,3 +143,23 @@ def test_gguf_export_steers_identically(lm: LoadedModel, caa: CAA, tmp_path: Pat
 def test_bad_strength_on_real_model(lm: LoadedModel, caa: CAA) -> None:
     with pytest.raises(SteeringError, match="finite"):
         generate(lm, ["hi"], steers=Steer(caa, float("nan")), max_new_tokens=2)
+
+
+@pytest.mark.slow
+def test_alqr_sentiment_on_embedded_model(lm: LoadedModel) -> None:
+    """Opt-in (about 2 minutes): A-LQR at λ = 2 shifts sentiment at bounded perplexity."""
+    from steerlab.fitting import fit_alqr
+    from steerlab.methods import ALQR
+
+    alqr = fit_alqr(lm, sentiment_pairs(), ALQR(), progress=False)
+    prompts = neutral_prompts()
+    plain = generate(lm, prompts, max_new_tokens=NEW_TOKENS, batch_size=19)
+    steered = generate(lm, prompts, steers=Steer(alqr, 2.0), max_new_tokens=NEW_TOKENS,
+                       batch_size=19)
+    s0, s1 = (sum(vader_compound(x)) / len(x) for x in (plain, steered))
+    ratio = conditional_perplexity(lm, prompts, steered) / conditional_perplexity(
+        lm, prompts, plain)
+    print(f"\nA-LQR λ=2: VADER {s0:+.3f} -> {s1:+.3f}, perplexity ratio {ratio:.2f}, "
+          f"fit {alqr.fit_info['fit_seconds']} s")
+    assert s1 - s0 >= 0.2
+    assert ratio < 2.0

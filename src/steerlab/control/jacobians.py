@@ -426,6 +426,9 @@ def block_jacobians(
 ) -> JacobianResult:
     """Mean last-token Jacobians ``A_k`` of decoder blocks over prompts (float32).
 
+    The operating points are the model's own forward passes: call it outside any steering
+    context (hooks on the blocks would be differentiated too).
+
     Args:
         lm: a float32 model (``load_model(..., dtype="float32")``).
         texts: the prompts (the operating points), e.g. positive-class texts.

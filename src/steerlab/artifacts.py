@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from safetensors.torch import save_file
 
 import steerlab
 from steerlab.errors import ArtifactError
+from steerlab.io import atomic_write
 from steerlab.methods import METHODS, Controller
 from steerlab.methods.caa import CAA
 from steerlab.models import ModelInfo
@@ -55,19 +55,6 @@ def metadata(controller: Controller) -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, write: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def save(controller: Controller, path: str | os.PathLike[str]) -> Path:
     """Save a fitted controller to ``path`` (``.safetensors`` is appended if missing)."""
     controller.check_fitted()
@@ -79,7 +66,7 @@ def save(controller: Controller, path: str | os.PathLike[str]) -> Path:
         if not bool(torch.isfinite(t).all()):
             raise ArtifactError(f"refusing to save: tensor {name!r} has NaN or inf values")
     meta = {"steerlab": json.dumps(metadata(controller), sort_keys=True)}
-    return _atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

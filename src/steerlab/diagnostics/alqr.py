@@ -36,7 +36,7 @@ from steerlab.diagnostics.plots import (
     plot_setpoint,
     plot_tracking_bound,
 )
-from steerlab.diagnostics.setpoint import setpoint_trace
+from steerlab.diagnostics.setpoint import block_inputs_at_last_token, setpoint_trace
 from steerlab.diagnostics.tracking import tracking_bound
 from steerlab.methods.alqr import ALQR
 from steerlab.models import LoadedModel
@@ -126,33 +126,6 @@ def linearity_report(
     return result
 
 
-def _block_inputs(lm: LoadedModel, prompts: Sequence[str], steers: Sequence[Steer],
-                  controller: ALQR) -> torch.Tensor:
-    """(n, L, d) block inputs at the last prompt token under ``steers``."""
-    from steerlab.data import Renderer
-    from steerlab.runtime import steering, tokenize_prompts
-    from steerlab.sites import Site, find_layers, get_input
-
-    layers = find_layers(lm.model)
-    renderer = Renderer(lm.tokenizer)
-    enc = tokenize_prompts(lm, [renderer.prompt(p) for p in prompts], rendered=True)
-    got: dict[int, torch.Tensor] = {}
-    handles = []
-    for k in range(layers.num_layers):
-        def hook(mod: Any, args: Any, kwargs: Any, k: int = k,
-                 got: dict[int, torch.Tensor] = got) -> None:
-            got[k] = get_input(args, kwargs)[:, -1, :].to(torch.float32).cpu()
-        handles.append(layers.module(Site("resid_pre", k)).register_forward_pre_hook(
-            hook, with_kwargs=True))
-    try:
-        with torch.no_grad(), steering(lm, list(steers), layers=layers):
-            lm.model(**enc, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return torch.stack([got[k] for k in range(layers.num_layers)], dim=1)
-
-
 def tracking_report(
     lm: LoadedModel,
     controller: ALQR,
@@ -171,7 +144,7 @@ def tracking_report(
     gains = lqr_gains(A, controller.v[0], q=controller.q, r=controller.r, q_f=controller.q_f,
                       keep_K=True)
     assert gains.K is not None
-    z = _block_inputs(lm, prompts, [Steer(controller, strength)], controller)  # (n, L, d)
+    z = block_inputs_at_last_token(lm, prompts, [Steer(controller, strength)])  # (n, L, d)
     v, mu = controller.v[0], controller.mu[0]
     target = strength * controller.lambdas[0] * mu
     alpha = target[None, :] - torch.einsum("nld,ld->nl", z, v)

@@ -12,14 +12,14 @@ import json
 import math
 import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from steerlab.diagnostics.linearity import DiagnosticsError
+from steerlab.io import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -32,17 +32,7 @@ Numbers = torch.Tensor | Sequence[float]
 # ---------------------------------------------------------------- file helpers
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+_atomic = atomic_write
 
 
 def _write_text(path: Path, text: str) -> Path:

@@ -63,13 +63,26 @@ def setpoint_trace(
 
     ``lam`` is the strength the target refers to: β*_k = lam·λ_c·μ_{k,c}.
     """
+    v = setpoint.v[concept]  # (L, d)
+    mu = setpoint.mu[concept]
+    target = lam * setpoint.lambdas[concept] * mu
+    z = block_inputs_at_last_token(lm, prompts, steers, render=render, batch_size=batch_size)
+    return SetpointTrace(projection=torch.einsum("bld,ld->bl", z, v), target=target, mu=mu)
+
+
+def block_inputs_at_last_token(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    steers: Sequence[Steer] = (),
+    *,
+    render: bool = True,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Every block's input at each prompt's last token under ``steers``: ``(n, L, d)``."""
     renderer = Renderer(lm.tokenizer) if render else None
     texts = [renderer.prompt(p) if renderer else p for p in prompts]
     layers = find_layers(lm.model)
     n = layers.num_layers
-    v = setpoint.v[concept]  # (L, d)
-    mu = setpoint.mu[concept]
-    target = lam * setpoint.lambdas[concept] * mu
     rows: list[torch.Tensor] = []
     for start in range(0, len(texts), batch_size):
         enc = tokenize_prompts(lm, texts[start : start + batch_size], rendered=render)
@@ -89,6 +102,5 @@ def setpoint_trace(
         finally:
             for h in handles:
                 h.remove()
-        z = torch.stack([got[k] for k in range(n)], dim=1)  # (B, L, d)
-        rows.append(torch.einsum("bld,ld->bl", z, v))
-    return SetpointTrace(projection=torch.cat(rows), target=target, mu=mu)
+        rows.append(torch.stack([got[k] for k in range(n)], dim=1))
+    return torch.cat(rows)

@@ -354,6 +354,48 @@ def diagnose_alqr(
         _fail(exc)
 
 
+@diagnose_app.command("barrier")
+def diagnose_barrier(
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for PNG/JSON/markdown")],
+    model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
+    layer: Annotated[int, typer.Option(help="block (default: 2/5 of the depth)")] = -1,
+    t_end: Annotated[float, typer.Option("--T", help="integration length T")] = 10.0,
+    steps: Annotated[int, typer.Option(help="Euler steps")] = 10,
+) -> None:
+    """Fit ODESteer on the built-in sentiment set and plot its barrier h along the
+    integration path for the activations of the held-out neutral prompts (paper, fig. 2)."""
+    try:
+        from steerlab.activations import Position, Sample, collect
+        from steerlab.data import Renderer, neutral_prompts, sentiment_pairs
+        from steerlab.diagnostics.plots import plot_barrier_path
+        from steerlab.fitting import fit_odesteer
+        from steerlab.methods.ode import ODESteer, barrier_along_path
+        from steerlab.sites import Site
+
+        lm = _load(model)
+        k = layer if layer >= 0 else (2 * lm.info.num_layers) // 5
+        ode = fit_odesteer(lm, sentiment_pairs(), ODESteer(layer=k, steps=steps))
+        renderer = Renderer(lm.tokenizer)
+        site = Site("resid_post", k)
+        acts = collect(lm, [Sample(renderer.prompt(p)) for p in neutral_prompts()], [site],
+                       Position.last(), progress=False)[site]
+        h = barrier_along_path(ode, acts, t_end, steps)
+        files = plot_barrier_path(h, t_end, out, label=f"(block {k})")
+        summary = {"model": lm.info.as_dict(), "layer": k, "T": t_end, "steps": steps,
+                   "fit": ode.fit_info, "files": [str(f) for f in files],
+                   "h_start_mean": float(h[:, 0].mean()), "h_end_mean": float(h[:, -1].mean()),
+                   "fraction_non_decreasing": float(
+                       (h[:, 1:] >= h[:, :-1] - 1e-6).all(dim=1).double().mean())}
+        (out / "barrier_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        console.print(
+            f"h along the path: mean {summary['h_start_mean']:+.3f} -> "
+            f"{summary['h_end_mean']:+.3f}; non-decreasing on "
+            f"{100 * summary['fraction_non_decreasing']:.0f}% of paths; wrote {out}/"
+        )
+    except SteerlabError as exc:
+        _fail(exc)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from steerlab.activations import Position, Sample, collect, token_activations
-from steerlab.data import ContrastiveSet, Renderer
+from steerlab.data import ContrastiveSet, LabeledSet, Renderer
 from steerlab.errors import DataError
 from steerlab.methods.actadd import ActAdd
 from steerlab.methods.alqr import ALQR, SPID, ActAddLFS
 from steerlab.methods.caa import CAA
 from steerlab.models import LoadedModel
 from steerlab.sites import Site, find_layers
+
+if TYPE_CHECKING:
+    from steerlab.methods.ode import ODESteer
 
 _RECIPE_POSITION = {
     "ab": Position.answer_letter(),
@@ -201,4 +205,88 @@ def fit_lfs_baseline(
     controller.model_info = lm.info
     controller.data_fingerprint = sets[0].fingerprint()
     controller.fit_info.update(fit_seconds=round(time.perf_counter() - start, 3))
+    return controller
+
+
+def ode_activations(
+    lm: LoadedModel,
+    data: ContrastiveSet | LabeledSet,
+    site: Site,
+    *,
+    renderer: Renderer | None = None,
+    batch_size: int = 16,
+    cache: bool = True,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last-token activations at ``site`` of the positive and negative class (ODESteer's data).
+
+    A contrastive set gives prompt + positive / prompt + negative completion (rendered); a
+    labelled set gives its texts as they are (label 1 positive, 0 negative), unrendered.
+    """
+    if isinstance(data, LabeledSet):
+        data.validate()
+        pos_t = [t.text for t in data if t.label == 1]
+        neg_t = [t.text for t in data if t.label == 0]
+        kw: dict[str, Any] = {"rendered": False}
+        pos_s: list[Sample | str] = list(pos_t)
+        neg_s: list[Sample | str] = list(neg_t)
+    else:
+        data.validate(min_size=1)
+        p, n = contrastive_samples(data, renderer or Renderer(lm.tokenizer))
+        pos_s, neg_s = list(p), list(n)
+        kw = {}
+    pos = collect(lm, pos_s, [site], Position.last(), batch_size=batch_size, cache=cache,
+                  progress=progress, desc="positive activations", **kw)[site]
+    neg = collect(lm, neg_s, [site], Position.last(), batch_size=batch_size, cache=cache,
+                  progress=progress, desc="negative activations", **kw)[site]
+    return pos, neg
+
+
+def fit_odesteer(
+    lm: LoadedModel,
+    data: ContrastiveSet | LabeledSet,
+    controller: ODESteer | None = None,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    renderer: Renderer | None = None,
+    cache: bool = True,
+    progress: bool = True,
+) -> ODESteer:
+    """Fit ODESteer (or StepODESteer) on last-token activations; report held-out accuracy.
+
+    The barrier is fitted on a seeded train split; ``fit_info["heldout_accuracy"]`` is the
+    classifier's accuracy on the rest (``test_fraction`` of each class).
+    """
+    from steerlab.methods.ode import ODESteer
+
+    controller = controller or ODESteer(layer=lm.info.num_layers // 2)
+    layers = find_layers(lm.model)
+    site = layers.resolve(controller.fit_sites()[0])
+    start = time.perf_counter()
+    pos, neg = ode_activations(lm, data, site, renderer=renderer, cache=cache,
+                               progress=progress)
+    t_collect = time.perf_counter() - start
+    g = torch.Generator().manual_seed(seed)
+    def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randperm(x.shape[0], generator=g)
+        n_test = round(x.shape[0] * test_fraction) if x.shape[0] >= 5 else 0
+        return x[idx[n_test:]], x[idx[:n_test]]
+    pos_tr, pos_te = split(pos)
+    neg_tr, neg_te = split(neg)
+    t0 = time.perf_counter()
+    controller.fit(pos_tr, neg_tr)
+    t_fit = time.perf_counter() - t0
+    controller.model_info = lm.info
+    controller.data_fingerprint = data.fingerprint()
+    controller.fit_info.update(
+        data=data.name,
+        collect_seconds=round(t_collect, 3),
+        barrier_fit_seconds=round(t_fit, 3),
+        n_train=[int(pos_tr.shape[0]), int(neg_tr.shape[0])],
+    )
+    if pos_te.shape[0] and neg_te.shape[0]:
+        controller.fit_info["heldout_accuracy"] = round(
+            float(controller.barrier_accuracy(pos_te, neg_te)), 4)
+        controller.fit_info["n_heldout"] = [int(pos_te.shape[0]), int(neg_te.shape[0])]
     return controller

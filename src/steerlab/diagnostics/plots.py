@@ -377,3 +377,61 @@ def plot_setpoint(
     table = f"Setpoint tracking — {label} (within {sum(inside)}/{len(inside)} layers)\n\n"
     table += _md_table(["layer", "vᵀz", "β*", "μ", f"within ±{band:g}μ"], rows)
     return _emit(out_dir, f"setpoint_{_slug(label)}", fig, data, table)
+
+
+# ---------------------------------------------------------------- barrier (ODESteer)
+
+
+def plot_barrier_path(
+    h: torch.Tensor,
+    T: float,
+    out_dir: str | os.PathLike[str],
+    *,
+    name: str = "barrier_path",
+    label: str = "",
+) -> list[Path]:
+    """ODESteer's barrier h(a(t)) along the integration path (ODESteer paper, figure 2).
+
+    ``h``: ``(n, steps + 1)`` barrier values of n activations at t = 0, T/steps, …, T. Plots
+    the mean with its 10–90 % band and a few individual paths; the table lists the mean, min
+    and max per step and the share of paths where h never decreases.
+    """
+    if h.ndim != 2 or h.shape[1] < 2 or h.shape[0] == 0:
+        raise DiagnosticsError(f"h must be (n, steps + 1) with steps >= 1, got {tuple(h.shape)}")
+    hd = h.detach().to(torch.float64).cpu()
+    steps = hd.shape[1] - 1
+    ts = [T * i / steps for i in range(steps + 1)]
+    mean = hd.mean(0).tolist()
+    lo = hd.quantile(0.1, dim=0).tolist()
+    hi = hd.quantile(0.9, dim=0).tolist()
+    monotone = (hd[:, 1:] >= hd[:, :-1] - 1e-6).all(dim=1)
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for row in hd[: min(8, hd.shape[0])]:
+        ax.plot(ts, row.tolist(), color="0.7", lw=0.8)
+    ax.fill_between(ts, lo, hi, alpha=0.25, label="10–90 %")
+    ax.plot(ts, mean, marker="o", ms=3, label="mean h(a(t))")
+    ax.axhline(0.0, color="k", ls="--", lw=0.8)
+    ax.set_xlabel("integration time t")
+    ax.set_ylabel("barrier h = log p+/p-")
+    ax.set_title(f"Barrier along the ODESteer path {label}".strip())
+    ax.legend(fontsize="small")
+    data: dict[str, Any] = {
+        "kind": "barrier_path",
+        "T": T,
+        "steps": steps,
+        "t": ts,
+        "mean": mean,
+        "q10": lo,
+        "q90": hi,
+        "min": hd.min(0).values.tolist(),
+        "max": hd.max(0).values.tolist(),
+        "fraction_non_decreasing": float(monotone.double().mean()),
+        "n": int(hd.shape[0]),
+    }
+    rows = [[_fmt(t), _fmt(m), _fmt(a), _fmt(b)] for t, m, a, b in
+            zip(ts, mean, data["min"], data["max"], strict=True)]
+    table = (f"Barrier along the path ({hd.shape[0]} activations; h never decreases on "
+             f"{100 * data['fraction_non_decreasing']:.1f} %)\n\n")
+    table += _md_table(["t", "mean h", "min h", "max h"], rows)
+    return _emit(out_dir, name, fig, data, table)

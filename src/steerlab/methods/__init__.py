@@ -6,6 +6,7 @@ from steerlab.methods.actadd import ActAdd
 from steerlab.methods.alqr import ALQR, SPID, ActAddLFS, ALQRPlus
 from steerlab.methods.base import Controller
 from steerlab.methods.caa import CAA
+from steerlab.methods.ode import ODESteer, StepODESteer
 
 METHODS: dict[str, type[Controller]] = {
     "caa": CAA,
@@ -14,6 +15,19 @@ METHODS: dict[str, type[Controller]] = {
     "alqr_plus": ALQRPlus,
     "spid": SPID,
     "actadd_lfs": ActAddLFS,
+    "odesteer": ODESteer,
+    "step_odesteer": StepODESteer,
 }
 
-__all__ = ["ALQR", "CAA", "METHODS", "SPID", "ALQRPlus", "ActAdd", "ActAddLFS", "Controller"]
+__all__ = [
+    "ALQR",
+    "CAA",
+    "METHODS",
+    "SPID",
+    "ALQRPlus",
+    "ActAdd",
+    "ActAddLFS",
+    "Controller",
+    "ODESteer",
+    "StepODESteer",
+]

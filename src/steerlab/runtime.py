@@ -21,7 +21,7 @@ batch its own controllers and strengths. Semantics (see docs/architecture.md):
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, cast
@@ -112,6 +112,23 @@ def _call_arguments(
     return out
 
 
+class _GatheredReads(Mapping[Site, torch.Tensor]):
+    """A read-only view of a forward pass's reads at the selected positions, gathered lazily
+    (a closed-loop controller reads one or two of them per site)."""
+
+    def __init__(self, reads: dict[Site, torch.Tensor], sel: torch.Tensor) -> None:
+        self._reads, self._sel = reads, sel
+
+    def __getitem__(self, key: Site) -> torch.Tensor:
+        return self._reads[key][self._sel][:, None, :]
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self._reads)
+
+    def __len__(self) -> int:
+        return len(self._reads)
+
+
 def check_compatible(controller: Controller, layers: LayerMap, model_name: str) -> None:
     """Fail clearly when a controller was fitted on a model of another shape."""
     controller.check_fitted()
@@ -194,6 +211,7 @@ class steering:
         self._prompt_len: torch.Tensor | None = None
         self._ctx: StepContext | None = None
         self._plan: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._sparse: set[int] = set()
 
     # -- hooks ---------------------------------------------------------------------------------
     def _on_model_call(
@@ -264,6 +282,7 @@ class steering:
         ctx = self._ctx
         assert ctx is not None
         plan: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        sparse: set[int] = set()
         seen: set[int] = set()
         for groups in self._groups.values():
             for g in groups:
@@ -279,7 +298,10 @@ class steering:
                 if not bool(mask.any()):
                     continue
                 plan[id(g)] = (strengths, None if bool(mask.all()) else mask[..., None])
+                if mask.shape[1] > 1 and int(mask.sum()) * 2 <= mask.numel():
+                    sparse.add(id(g))
         self._plan = plan
+        self._sparse = sparse
 
     def _apply(self, site: Site, h: torch.Tensor) -> torch.Tensor:
         ctx = self._ctx
@@ -293,7 +315,11 @@ class steering:
             if strengths.device != h.device:  # a model split over devices
                 strengths = strengths.to(h.device)
                 mask = mask.to(h.device) if mask is not None else None
-            new = g.controller.steer(g.own_sites.get(site, site), h, strengths, ctx)
+            own = g.own_sites.get(site, site)
+            if mask is not None and id(g) in self._sparse:
+                h = self._apply_gathered(g, own, h, strengths, mask[..., 0], ctx)
+                continue
+            new = g.controller.steer(own, h, strengths, ctx)
             if new.shape != h.shape:
                 raise SteeringError(
                     f"{g.controller.method} returned shape {tuple(new.shape)} at {site}, "
@@ -301,6 +327,40 @@ class steering:
                 )
             h = new.to(h.dtype) if mask is None else torch.where(mask, new.to(h.dtype), h)
         return h
+
+    def _apply_gathered(
+        self,
+        g: _Group,
+        site: Site,
+        h: torch.Tensor,
+        strengths: torch.Tensor,
+        sel: torch.Tensor,
+        ctx: StepContext,
+    ) -> torch.Tensor:
+        """Steer only the selected positions, as a batch of one-token rows.
+
+        Used when a scope selects few positions of the chunk (scope ``last`` in a prefill):
+        the controller then computes on those rows only, which matters for expensive
+        controllers (ODESteer integrates an ODE per row). Controllers are row-wise, so the
+        result equals steering the whole chunk and masking.
+        """
+        b_idx = sel.nonzero()[:, 0]
+        sub = StepContext(
+            positions=ctx.positions[sel][:, None],
+            prompt_len=ctx.prompt_len[b_idx],
+            reads=cast(dict[Site, torch.Tensor], _GatheredReads(ctx.reads, sel)),
+            scratch=ctx.scratch.setdefault(("gathered", id(g)), {}),
+        )
+        h_sel = h[sel][:, None, :]
+        new = g.controller.steer(site, h_sel, strengths[b_idx], sub)
+        if new.shape != h_sel.shape:
+            raise SteeringError(
+                f"{g.controller.method} returned shape {tuple(new.shape)} at {site}, "
+                f"expected {tuple(h_sel.shape)}"
+            )
+        out = h.clone()
+        out[sel] = new[:, 0, :].to(h.dtype)
+        return out
 
     def _make_pre_hook(self, site: Site, write: bool, read: bool) -> Any:
         def hook(

@@ -33,7 +33,7 @@ class StepContext:
     reads: dict[Site, torch.Tensor] = field(default_factory=dict)  # tensors at read_sites
     # Per-forward-pass working memory of controllers that carry state across layers (S-PID),
     # keyed by id(controller); a new context object per forward pass, so nothing leaks.
-    scratch: dict[int, Any] = field(default_factory=dict)
+    scratch: dict[Any, Any] = field(default_factory=dict)
 
 
 class Controller(ABC):

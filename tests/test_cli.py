@@ -90,3 +90,13 @@ def test_diagnose_alqr_writes_figures(folder: Path, tmp_path: Path) -> None:
     r = runner.invoke(app, ["diagnose", "alqr", "--model", str(folder), "--out", str(out),
                             "--what", "nonsense"])
     assert r.exit_code == 2 and "unknown diagnostics" in r.output
+
+
+def test_diagnose_barrier(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "barrier"
+    r = runner.invoke(app, ["diagnose", "barrier", "--model", str(folder), "--out", str(out),
+                            "--layer", "1", "--T", "1", "--steps", "4"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "barrier_path.json").read_text())
+    assert data["steps"] == 4 and len(data["mean"]) == 5
+    assert (out / "barrier_path.png").is_file()

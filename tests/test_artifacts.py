@@ -135,3 +135,23 @@ def test_gguf_round_trip_and_checks(caa: CAA, tmp_path: Path) -> None:
             model_id="w", architecture="x", hidden_size=64, num_layers=2, is_chat=False))
     with pytest.raises(ArtifactError):  # block 0 cannot be expressed for llama.cpp
         artifacts.export_gguf(caa, tmp_path / "v0.gguf")
+
+
+def test_odesteer_artifact_round_trip(tmp_path: Path) -> None:
+    from steerlab.methods import ODESteer
+
+    lm = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(20, 32, generator=g) + 1.0
+    neg = torch.randn(20, 32, generator=g) - 1.0
+    c = ODESteer(layer=1, n_components=256).fit(pos, neg)
+    c.model_info = lm.info
+    back = artifacts.load(artifacts.save(c, tmp_path / "ode"), lm.info)
+    assert isinstance(back, ODESteer)
+    a = generate(lm, ["hello", "a longer prompt"], steers=Steer(c, 3.0), max_new_tokens=5,
+                 render=False)
+    b = generate(lm, ["hello", "a longer prompt"], steers=Steer(back, 3.0), max_new_tokens=5,
+                 render=False)
+    assert a == b
+    with pytest.raises(ArtifactError):
+        artifacts.load(tmp_path / "ode.safetensors", tiny_model("qwen3").info)

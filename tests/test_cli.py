@@ -100,3 +100,14 @@ def test_diagnose_barrier(folder: Path, tmp_path: Path) -> None:
     data = json.loads((out / "barrier_path.json").read_text())
     assert data["steps"] == 4 and len(data["mean"]) == 5
     assert (out / "barrier_path.png").is_file()
+
+
+@pytest.mark.parametrize("method", ["odesteer", "alqr", "spid"])
+def test_fit_other_methods(folder: Path, data: Path, tmp_path: Path, method: str) -> None:
+    art = tmp_path / f"{method}.safetensors"
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", method, "--data",
+                            str(data), "--layers", "1", "--scope", "last", "--out", str(art)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["generate", "hello", "--model", str(folder), "--steer", str(art),
+                            "--strength", "2", "--max-new-tokens", "3"])
+    assert r.exit_code == 0, r.output

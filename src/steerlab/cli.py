@@ -103,7 +103,8 @@ def demo(
 def fit(
     out: Annotated[Path, typer.Option("--out", "-o", help="artifact path (.safetensors)")],
     model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
-    method: Annotated[str, typer.Option(help="caa, actadd, alqr, alqr_plus, spid, actadd_lfs")] = (
+    method: Annotated[str, typer.Option(help="caa, actadd, alqr, alqr_plus, spid, actadd_lfs, "
+                                         "odesteer, step_odesteer")] = (
         "caa"
     ),
     data: Annotated[str, typer.Option(help="'sentiment' (built in) or a dataset path")] = (
@@ -121,7 +122,8 @@ def fit(
     q_f: Annotated[float, typer.Option(help="A-LQR terminal cost Q_f = q_f I")] = 0.1,
     keep_k: Annotated[bool, typer.Option("--keep-K", help="store the full gains K")] = False,
 ) -> None:
-    """Fit a controller (caa, actadd, alqr, alqr_plus, spid, actadd_lfs); save an artifact."""
+    """Fit a controller (caa, actadd, alqr, alqr_plus, spid, actadd_lfs, odesteer,
+    step_odesteer) and save it as an artifact."""
     try:
         from steerlab import artifacts
         from steerlab.data import ContrastiveSet, load_dataset, sentiment_pairs
@@ -163,10 +165,20 @@ def fit(
             else:
                 controller = fit_lfs_baseline(lm, dataset, ActAddLFS(layers=layer_list,
                                                                     **lfs_kw))
+        elif method in ("odesteer", "step_odesteer"):
+            from steerlab.fitting import fit_odesteer
+            from steerlab.methods import ODESteer, StepODESteer
+
+            dataset_any = sentiment_pairs() if data == "sentiment" else load_dataset(data)
+            if limit:
+                dataset_any = dataset_any[:limit]
+            ode_cls = ODESteer if method == "odesteer" else StepODESteer
+            controller = fit_odesteer(lm, dataset_any, ode_cls(layer=layer_list[0],
+                                                               scope=scope))
         else:
             raise SteerlabError(
-                f"unknown method {method!r}; use caa, actadd, alqr, alqr_plus, spid or "
-                f"actadd_lfs"
+                f"unknown method {method!r}; use caa, actadd, alqr, alqr_plus, spid, "
+                f"actadd_lfs, odesteer or step_odesteer"
             )
         path = artifacts.save(controller, out)
         console.print(f"[green]saved[/] {path}")

@@ -23,7 +23,7 @@ from steerlab.models import LoadedModel
 from steerlab.sites import Site, find_layers
 
 if TYPE_CHECKING:
-    from steerlab.methods.ode import ODESteer
+    from steerlab.methods.ode import ODESteer, StepODESteer
 
 _RECIPE_POSITION = {
     "ab": Position.answer_letter(),
@@ -245,14 +245,14 @@ def ode_activations(
 def fit_odesteer(
     lm: LoadedModel,
     data: ContrastiveSet | LabeledSet,
-    controller: ODESteer | None = None,
+    controller: ODESteer | StepODESteer | None = None,
     *,
     test_fraction: float = 0.2,
     seed: int = 0,
     renderer: Renderer | None = None,
     cache: bool = True,
     progress: bool = True,
-) -> ODESteer:
+) -> ODESteer | StepODESteer:
     """Fit ODESteer (or StepODESteer) on last-token activations; report held-out accuracy.
 
     The barrier is fitted on a seeded train split; ``fit_info["heldout_accuracy"]`` is the

@@ -40,27 +40,17 @@ Defaults (spec section 7): q = 0.1, r = 3, q_f = 0.1 (Gemma-2-2B toxicity); λ =
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import Controller, StepContext, check_finite
+from steerlab.methods.base import Controller, StepContext, check_finite, check_positive
 from steerlab.scope import parse_scope
 from steerlab.sites import Site
 
-
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError) as exc:
-        raise SteeringError(f"{name} must be a number, got {value!r}") from exc
-    if not math.isfinite(f) or f < 0 or (f == 0 and not allow_zero):
-        need = "non-negative" if allow_zero else "positive"
-        raise SteeringError(f"{name} must be a finite, {need} number, got {value!r}")
-    return f
+_positive = check_positive
 
 
 def linear_feature_setpoint(

@@ -121,3 +121,15 @@ def check_finite(name: str, t: torch.Tensor) -> None:
             f"{name} has {bad} non-finite values (NaN or inf); check the model's dtype (use "
             f"float32) and the data that produced them"
         )
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    """A hyper-parameter that must be a finite, positive (or non-negative) number."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError) as exc:
+        raise SteeringError(f"{name} must be a number, got {value!r}") from exc
+    if not math.isfinite(f) or f < 0 or (f == 0 and not allow_zero):
+        need = "non-negative" if allow_zero else "positive"
+        raise SteeringError(f"{name} must be a finite, {need} number, got {value!r}")
+    return f

@@ -64,7 +64,7 @@ import torch
 from torchdiffeq import odeint
 
 from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import Controller, StepContext
+from steerlab.methods.base import Controller, StepContext, check_positive
 from steerlab.scope import parse_scope
 from steerlab.sites import Site
 
@@ -112,15 +112,7 @@ def _rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     return torch.cat([fn(x[s]) for s in parts], dim=0)
 
 
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError) as exc:
-        raise SteeringError(f"{name} must be a number, got {value!r}") from exc
-    if not math.isfinite(f) or f < 0 or (f == 0 and not allow_zero):
-        need = "non-negative" if allow_zero else "positive"
-        raise SteeringError(f"{name} must be a finite {need} number, got {value!r}")
-    return f
+_positive = check_positive
 
 
 def _count(name: str, value: int, minimum: int = 1) -> int:

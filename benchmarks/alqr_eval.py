@@ -26,11 +26,11 @@ import torch
 
 from steerlab.data import neutral_prompts, sentiment_pairs
 from steerlab.diagnostics.setpoint import setpoint_trace
-from steerlab.evals.metrics import conditional_perplexity, vader_compound
+from steerlab.evals.metrics import sentiment_sweep
 from steerlab.fitting import fit_alqr, fit_caa, fit_lfs_baseline
 from steerlab.methods import ALQR, CAA, ActAddLFS
 from steerlab.models import load_model
-from steerlab.runtime import Steer, generate
+from steerlab.runtime import Steer
 
 
 def main() -> None:
@@ -83,10 +83,6 @@ def main() -> None:
               f"{r['fraction_after_first']:.3f}   mean |err|/mu {r['mean_abs_error_over_mu']:.3f}")
 
     # -- behaviour --------------------------------------------------------------------------
-    kw: dict[str, Any] = {"max_new_tokens": args.new_tokens, "batch_size": 19}
-    plain = generate(lm, prompts, **kw)
-    s0 = sum(vader_compound(plain)) / len(plain)
-    ppl0 = conditional_perplexity(lm, prompts, plain)
     configs: list[tuple[str, list[Steer]]] = []
     for lam in (1.0, 2.0, 3.0):
         configs.append((f"A-LQR λ={lam}", [Steer(alqr, lam)]))
@@ -95,13 +91,8 @@ def main() -> None:
     for s in (2.0, 3.5):
         configs.append((f"CAA block {args.layer} +{s} (scope all)", [Steer(caa, s, "all")]))
         configs.append((f"CAA block {args.layer} +{s} (scope last)", [Steer(caa, s, "last")]))
-    table = [{"config": "unsteered", "vader": s0, "shift": 0.0, "ppl": ppl0, "ppl_ratio": 1.0}]
-    for name, steers in configs:
-        texts = generate(lm, prompts, steers=steers, **kw)
-        s = sum(vader_compound(texts)) / len(texts)
-        ppl = conditional_perplexity(lm, prompts, texts)
-        table.append({"config": name, "vader": s, "shift": s - s0, "ppl": ppl,
-                      "ppl_ratio": ppl / ppl0, "example": texts[0][:100]})
+    table = sentiment_sweep(lm, prompts, configs, max_new_tokens=args.new_tokens,
+                            verbose=True)
     out["behaviour"] = table
     print(f"\nbehaviour on {len(prompts)} neutral prompts, {args.new_tokens} greedy tokens:")
     print(f"  {'config':34s} {'VADER':>7s} {'shift':>7s} {'ppl':>6s} {'ratio':>6s}")

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.data import LabeledSet, load_truthfulqa_labeled, neutral_prompts, sentiment_pairs
-from steerlab.evals.metrics import conditional_perplexity, vader_compound
+from steerlab.evals.metrics import sentiment_sweep
 from steerlab.fitting import fit_caa, fit_odesteer
 from steerlab.methods import CAA
 from steerlab.methods.ode import ODESteer, StepODESteer
 from steerlab.models import load_model
-from steerlab.runtime import Steer, generate
+from steerlab.runtime import Steer
 
 DEFAULT_TQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa" / \
     "TruthfulQA.csv"
@@ -69,10 +69,6 @@ def main() -> None:
     out["sentiment_barrier"] = {k: ode_s.fit_info.get(k) for k in
                                 ("heldout_accuracy", "barrier_fit_seconds")}
     prompts = neutral_prompts()
-    kw: dict[str, Any] = {"max_new_tokens": args.new_tokens, "batch_size": 19}
-    plain = generate(lm, prompts, **kw)
-    s0 = sum(vader_compound(plain)) / len(plain)
-    ppl0 = conditional_perplexity(lm, prompts, plain)
     configs: list[tuple[str, list[Steer]]] = []
     for T in args.T:
         configs.append((f"ODESteer T={T:g}", [Steer(ode_s, T)]))
@@ -81,14 +77,8 @@ def main() -> None:
     for T in args.T:
         s = T / caa_norm
         configs.append((f"CAA (same path length {T:g}: x{s:.2f})", [Steer(caa, s)]))
-    table = [{"config": "unsteered", "vader": s0, "shift": 0.0, "ppl": ppl0, "ppl_ratio": 1.0}]
-    for name, steers in configs:
-        texts = generate(lm, prompts, steers=steers, **kw)
-        sc = sum(vader_compound(texts)) / len(texts)
-        ppl = conditional_perplexity(lm, prompts, texts)
-        table.append({"config": name, "vader": sc, "shift": sc - s0, "ppl": ppl,
-                      "ppl_ratio": ppl / ppl0, "example": texts[0][:100]})
-        print(f"  {name:36s} VADER {sc:+.3f} shift {sc - s0:+.3f} ppl ratio {ppl / ppl0:.2f}")
+    table = sentiment_sweep(lm, prompts, configs, max_new_tokens=args.new_tokens,
+                            verbose=True)
     out["behaviour"] = table
     print(f"\nbehaviour on {len(prompts)} neutral prompts, {args.new_tokens} greedy tokens, "
           f"block {args.layer}, scope last (the paper's):")

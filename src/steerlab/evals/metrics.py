@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from steerlab.data import Renderer
 from steerlab.errors import DataError
 from steerlab.models import LoadedModel
+
+if TYPE_CHECKING:
+    from steerlab.runtime import Steer
 
 
 def vader_compound(texts: Sequence[str]) -> list[float]:
@@ -73,3 +77,39 @@ def conditional_perplexity(
         total += float(nll[sel].sum())
         count += int(sel.sum())
     return math.exp(total / count)
+
+
+def sentiment_sweep(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    configs: Sequence[tuple[str, Sequence[Steer]]],
+    *,
+    max_new_tokens: int = 40,
+    batch_size: int = 19,
+    verbose: bool = False,
+) -> list[dict[str, Any]]:
+    """Behaviour vs fluency for several steering configurations on the same prompts.
+
+    Each row: mean VADER compound of greedy answers, its shift from unsteered, and the
+    answers' perplexity under the unsteered model with its ratio to the unsteered answers'.
+    The first row is the unsteered baseline.
+    """
+    from steerlab.runtime import generate
+
+    kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    plain = generate(lm, prompts, **kw)
+    s0 = sum(vader_compound(plain)) / len(plain)
+    ppl0 = conditional_perplexity(lm, prompts, plain)
+    rows: list[dict[str, Any]] = [
+        {"config": "unsteered", "vader": s0, "shift": 0.0, "ppl": ppl0, "ppl_ratio": 1.0,
+         "example": plain[0][:100]}
+    ]
+    for name, steers in configs:
+        texts = generate(lm, prompts, steers=list(steers), **kw)
+        s = sum(vader_compound(texts)) / len(texts)
+        ppl = conditional_perplexity(lm, prompts, texts)
+        rows.append({"config": name, "vader": s, "shift": s - s0, "ppl": ppl,
+                     "ppl_ratio": ppl / ppl0, "example": texts[0][:100]})
+        if verbose:
+            print(f"  {name:36s} VADER {s:+.3f} shift {s - s0:+.3f} ppl ratio {ppl / ppl0:.2f}")
+    return rows

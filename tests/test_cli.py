@@ -102,12 +102,26 @@ def test_diagnose_barrier(folder: Path, tmp_path: Path) -> None:
     assert (out / "barrier_path.png").is_file()
 
 
-@pytest.mark.parametrize("method", ["odesteer", "alqr", "spid"])
+@pytest.mark.parametrize("method", ["odesteer", "alqr", "spid", "innsteer"])
 def test_fit_other_methods(folder: Path, data: Path, tmp_path: Path, method: str) -> None:
     art = tmp_path / f"{method}.safetensors"
+    extra = ["--epochs", "20"] if method == "innsteer" else []
     r = runner.invoke(app, ["fit", "--model", str(folder), "--method", method, "--data",
-                            str(data), "--layers", "1", "--scope", "last", "--out", str(art)])
+                            str(data), "--layers", "1", "--scope", "last", "--out", str(art),
+                            *extra])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["generate", "hello", "--model", str(folder), "--steer", str(art),
                             "--strength", "2", "--max-new-tokens", "3"])
     assert r.exit_code == 0, r.output
+
+
+def test_fit_on_one_class_data_fails_and_writes_nothing(folder: Path, tmp_path: Path) -> None:
+    path = tmp_path / "same.jsonl"
+    row = {"prompt": "How was it?", "positive": "Fine.", "negative": "Fine."}
+    path.write_text("\n".join(json.dumps(row) for _ in range(3)) + "\n")
+    art = tmp_path / "inn.safetensors"
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", "innsteer", "--data",
+                            str(path), "--layers", "1", "--epochs", "5", "--out", str(art)])
+    assert r.exit_code == 2, r.output
+    assert "nothing to contrast" in r.output
+    assert not art.exists() and not list(tmp_path.glob("*.safetensors*"))

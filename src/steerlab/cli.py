@@ -104,7 +104,7 @@ def fit(
     out: Annotated[Path, typer.Option("--out", "-o", help="artifact path (.safetensors)")],
     model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
     method: Annotated[str, typer.Option(help="caa, actadd, alqr, alqr_plus, spid, actadd_lfs, "
-                                         "odesteer, step_odesteer")] = (
+                                         "odesteer, step_odesteer, innsteer")] = (
         "caa"
     ),
     data: Annotated[str, typer.Option(help="'sentiment' (built in) or a dataset path")] = (
@@ -121,9 +121,11 @@ def fit(
     r: Annotated[float, typer.Option(help="A-LQR control cost R = rI")] = 3.0,
     q_f: Annotated[float, typer.Option(help="A-LQR terminal cost Q_f = q_f I")] = 0.1,
     keep_k: Annotated[bool, typer.Option("--keep-K", help="store the full gains K")] = False,
+    epochs: Annotated[int, typer.Option(help="INNSteer: most training epochs")] = 300,
+    direction: Annotated[str, typer.Option(help="INNSteer: mean_diff or probe")] = "mean_diff",
 ) -> None:
     """Fit a controller (caa, actadd, alqr, alqr_plus, spid, actadd_lfs, odesteer,
-    step_odesteer) and save it as an artifact."""
+    step_odesteer, innsteer) and save it as an artifact."""
     try:
         from steerlab import artifacts
         from steerlab.data import ContrastiveSet, load_dataset, sentiment_pairs
@@ -175,10 +177,20 @@ def fit(
             ode_cls = ODESteer if method == "odesteer" else StepODESteer
             controller = fit_odesteer(lm, dataset_any, ode_cls(layer=layer_list[0],
                                                                scope=scope))
+        elif method == "innsteer":
+            from steerlab.fitting import fit_innsteer
+            from steerlab.methods import INNSteer
+
+            dataset_any = sentiment_pairs() if data == "sentiment" else load_dataset(data)
+            if limit:
+                dataset_any = dataset_any[:limit]
+            controller = fit_innsteer(lm, dataset_any, INNSteer(
+                layer=layer_list[0], scope=scope, epochs=epochs,
+                warmup_epochs=min(60, epochs // 5), direction=direction))  # type: ignore[arg-type]
         else:
             raise SteerlabError(
                 f"unknown method {method!r}; use caa, actadd, alqr, alqr_plus, spid, "
-                f"actadd_lfs, odesteer or step_odesteer"
+                f"actadd_lfs, odesteer, step_odesteer or innsteer"
             )
         path = artifacts.save(controller, out)
         console.print(f"[green]saved[/] {path}")

@@ -23,6 +23,7 @@ from steerlab.models import LoadedModel
 from steerlab.sites import Site, find_layers
 
 if TYPE_CHECKING:
+    from steerlab.methods.inn import INNSteer
     from steerlab.methods.ode import ODESteer, StepODESteer
 
 _RECIPE_POSITION = {
@@ -267,13 +268,7 @@ def fit_odesteer(
     pos, neg = ode_activations(lm, data, site, renderer=renderer, cache=cache,
                                progress=progress)
     t_collect = time.perf_counter() - start
-    g = torch.Generator().manual_seed(seed)
-    def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randperm(x.shape[0], generator=g)
-        n_test = round(x.shape[0] * test_fraction) if x.shape[0] >= 5 else 0
-        return x[idx[n_test:]], x[idx[:n_test]]
-    pos_tr, pos_te = split(pos)
-    neg_tr, neg_te = split(neg)
+    (pos_tr, pos_te), (neg_tr, neg_te) = _heldout_split(pos, neg, test_fraction, seed)
     t0 = time.perf_counter()
     controller.fit(pos_tr, neg_tr)
     t_fit = time.perf_counter() - t0
@@ -290,3 +285,71 @@ def fit_odesteer(
             float(controller.barrier_accuracy(pos_te, neg_te)), 4)
         controller.fit_info["n_heldout"] = [int(pos_te.shape[0]), int(neg_te.shape[0])]
     return controller
+
+
+def fit_innsteer(
+    lm: LoadedModel,
+    data: ContrastiveSet | LabeledSet,
+    controller: INNSteer | None = None,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    renderer: Renderer | None = None,
+    cache: bool = True,
+    progress: bool = True,
+) -> INNSteer:
+    """Fit INNSteer on last-token activations; report held-out separability raw vs latent.
+
+    The flow is trained on a seeded train split (it holds out its own validation part for
+    early stopping); on the rest (``test_fraction`` of each class), ``fit_info`` records the
+    held-out accuracy of the same scikit-learn logistic-regression probe fitted on the raw
+    activations (``heldout_raw_probe_accuracy``) and on the latents z = φ(h)
+    (``heldout_latent_probe_accuracy``), and of the jointly trained latent probe
+    (``heldout_joint_probe_accuracy``).
+    """
+    from steerlab.methods.inn import INNSteer, linear_probe_accuracy
+
+    controller = controller or INNSteer(layer=lm.info.num_layers // 2)
+    layers = find_layers(lm.model)
+    site = layers.resolve(controller.fit_sites()[0])
+    start = time.perf_counter()
+    pos, neg = ode_activations(lm, data, site, renderer=renderer, cache=cache,
+                               progress=progress)
+    t_collect = time.perf_counter() - start
+    (pos_tr, pos_te), (neg_tr, neg_te) = _heldout_split(pos, neg, test_fraction, seed)
+    t0 = time.perf_counter()
+    controller.fit(pos_tr, neg_tr, progress=progress)
+    t_fit = time.perf_counter() - t0
+    controller.model_info = lm.info
+    controller.data_fingerprint = data.fingerprint()
+    controller.fit_info.update(
+        data=data.name,
+        collect_seconds=round(t_collect, 3),
+        flow_fit_seconds=round(t_fit, 3),
+        n_train=[int(pos_tr.shape[0]), int(neg_tr.shape[0])],
+    )
+    if pos_te.shape[0] and neg_te.shape[0]:
+        fi = controller.fit_info
+        fi["n_heldout"] = [int(pos_te.shape[0]), int(neg_te.shape[0])]
+        fi["heldout_raw_probe_accuracy"] = round(
+            linear_probe_accuracy(pos_tr, neg_tr, pos_te, neg_te, seed=seed), 4)
+        zs = [controller.encode(x) for x in (pos_tr, neg_tr, pos_te, neg_te)]
+        fi["heldout_latent_probe_accuracy"] = round(linear_probe_accuracy(*zs, seed=seed), 4)
+        if controller.probe_weight is not None:
+            fi["heldout_joint_probe_accuracy"] = round(
+                controller.probe_accuracy(pos_te, neg_te), 4)
+    return controller
+
+
+def _heldout_split(
+    pos: torch.Tensor, neg: torch.Tensor, test_fraction: float, seed: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Seeded (train, test) splits of each class; no test rows for classes under 5 rows."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randperm(x.shape[0], generator=g)
+        n_test = round(x.shape[0] * test_fraction) if x.shape[0] >= 5 else 0
+        return x[idx[n_test:]], x[idx[:n_test]]
+
+    return split(pos), split(neg)

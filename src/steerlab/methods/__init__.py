@@ -6,6 +6,7 @@ from steerlab.methods.actadd import ActAdd
 from steerlab.methods.alqr import ALQR, SPID, ActAddLFS, ALQRPlus
 from steerlab.methods.base import Controller
 from steerlab.methods.caa import CAA
+from steerlab.methods.inn import INNSteer
 from steerlab.methods.ode import ODESteer, StepODESteer
 
 METHODS: dict[str, type[Controller]] = {
@@ -17,6 +18,7 @@ METHODS: dict[str, type[Controller]] = {
     "actadd_lfs": ActAddLFS,
     "odesteer": ODESteer,
     "step_odesteer": StepODESteer,
+    "innsteer": INNSteer,
 }
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "ActAdd",
     "ActAddLFS",
     "Controller",
+    "INNSteer",
     "ODESteer",
     "StepODESteer",
 ]

@@ -1,0 +1,644 @@
+"""INNSteer: linear steering in the latent space of an invertible network.
+
+"Beyond Linear Activation Steering: Invertible Latent Transformations for Controlling LLM
+Behavior" (arXiv 2606.08454). The paper's body and code were not available to us; the spec
+(``specs/methods.md`` §b) gives what is certain and a third-party recipe. Which parts are the
+paper's and which are ours:
+
+**Certain (the paper's abstract).** A lightweight invertible network φ maps an activation h
+to a latent z = φ(h) in which the behaviour classes are amenable to linear control; steering
+is a fixed translation there, mapped back exactly:
+
+    z′ = φ(h) + λ·v,    h′ = φ⁻¹(z′)
+
+which is a nonlinear, input-dependent edit of h.
+
+**Architecture (third-party recipe, RealNVP).** φ = c_K ∘ … ∘ c_1 ∘ s with
+
+* s(h) = (h − μ)/σ, per-dimension mean and standard deviation of the training activations,
+  fixed (log|det| = −Σ log σ);
+* K affine coupling layers (default 4): with a split of the dimensions into a conditioning
+  part a and a transformed part b, y_a = x_a and y_b = x_b·exp(tanh(s(x_a))) + t(x_a), where
+  (s, t) come from an MLP conditioner (default d_a → 512 → ReLU → 512 → ReLU → 2·d_b), so
+  log|det| = Σ tanh(s), and the inverse is x_b = (y_b − t(y_a))·exp(−tanh(s(y_a))), exact.
+  ``masks="halves"`` alternates the first and second half of the dimensions as the
+  conditioning part (the recipe's parity i mod 2); ``"random"`` draws a fixed, seeded random
+  half per layer. The conditioners' last layers start at zero, so φ starts as s.
+
+The coupling layers are zuko's (``GeneralCouplingTransform``, ``ComposedTransform``) with our
+tanh-bounded affine univariate transform (zuko's own affine bound is a soft clip, not tanh).
+
+**Training (ours; the paper's loss is unknown).** On positive (y = 1) and negative (y = 0)
+activations, minimise with AdamW (lr 1e-3, weight decay 1e-3, batch 64, gradient-norm clip
+1.0, linear warm-up over 60 epochs then cosine decay, at most 300 epochs: the recipe's
+defaults)
+
+    L = w_nll · mean[(½‖z‖² − log|det J_c(h)|)/d]          (Gaussian NLL per dimension)
+      + w_sep · S(z, y)                                       (separability)
+      + w_logdet · mean[(log|det J_c(h)|/d)²]                 (volume regulariser)
+
+where J_c is the Jacobian of the coupling layers (the standardisation's is a constant) and S
+is either ``"logistic"``: the binary cross-entropy of a linear probe σ(wᵀz + b) trained
+jointly with φ, or ``"margin"``: mean hinge max(0, 1 − ±uᵀ(z − m)) on the projections onto
+the (detached) unit difference u of the batch's latent class means about their midpoint m.
+Weights default to w_nll = 1, w_sep = 1 (the recipe's λ_dir) and w_logdet = 0.5 (the recipe's
+λ_logdet). A seeded validation split (10 %) drives early stopping (patience 30 epochs after
+warm-up; the best epoch's weights are kept). A non-finite loss stops training with an error
+and leaves the controller unfitted.
+
+**Direction.** ``direction="mean_diff"`` (the recipe's): v = mean φ(h₊) − mean φ(h₋) over the
+training activations; ``"probe"`` (needs ``separation="logistic"``): the probe normal
+u = w/‖w‖ scaled to the same class separation, v = u·uᵀ(mean φ(h₊) − mean φ(h₋)).
+
+**Where.** One residual-stream site (``resid_post.L`` by default); default token scope
+``"last"`` (as the third-party library). λ may differ per row; λ = 0 returns h bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, ClassVar, Literal, Self
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import constraints
+from zuko.flows.coupling import GeneralCouplingTransform
+from zuko.transforms import ComposedTransform, Transform
+
+from steerlab.errors import DataError, SteeringError
+from steerlab.methods.base import Controller, StepContext, check_positive
+from steerlab.scope import parse_scope
+from steerlab.sites import Site
+
+MaskKind = Literal["halves", "random"]
+Separation = Literal["logistic", "margin"]
+Direction = Literal["mean_diff", "probe"]
+Monitor = Literal["separation", "loss"]
+MASKS: tuple[str, ...] = ("halves", "random")
+MONITORS: tuple[str, ...] = ("separation", "loss")
+SEPARATIONS: tuple[str, ...] = ("logistic", "margin")
+DIRECTIONS: tuple[str, ...] = ("mean_diff", "probe")
+STD_FLOOR = 1e-6  # σ = max(std, STD_FLOOR · mean std): constant dimensions stay invertible
+
+
+# -- the invertible map ------------------------------------------------------------------------
+class TanhAffineTransform(Transform):
+    """y = x·exp(tanh(s)) + t, element-wise: the coupling layers' univariate map."""
+
+    domain = constraints.real
+    codomain = constraints.real
+    bijective = True
+    sign = +1
+
+    def __init__(self, shift: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.shift = shift
+        self.log_scale = torch.tanh(scale)
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.log_scale.exp() + self.shift
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return (y - self.shift) * torch.exp(-self.log_scale)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.log_scale.expand(x.shape)
+
+
+class StandardiseTransform(Transform):
+    """z = (h − μ)/σ over the last dimension; log|det| = −Σ log σ (one value per row)."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.mean = mean
+        self.std = std
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self.std + self.mean
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (-self.std.log().sum()).expand(x.shape[:-1])
+
+
+def coupling_masks(features: int, n_layers: int, kind: MaskKind, seed: int) -> list[torch.Tensor]:
+    """Boolean masks (True = conditioning part) of ``n_layers`` coupling layers."""
+    if kind not in MASKS:
+        raise SteeringError(f"unknown masks {kind!r}; use halves or random")
+    half = features // 2
+    if kind == "halves":
+        first = torch.arange(features) < half
+        return [(first if i % 2 == 0 else ~first).clone() for i in range(n_layers)]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_layers):
+        m = torch.zeros(features, dtype=torch.bool)
+        m[torch.randperm(features, generator=g)[:half]] = True
+        out.append(m)
+    return out
+
+
+class LatentFlow(nn.Module):
+    """φ = couplings ∘ standardisation (see the module docstring); float32, batched over rows.
+
+    Args:
+        features: width d of the activations (at least 2).
+        n_layers: number of affine coupling layers.
+        hidden: width of the conditioners' hidden layers; ``hidden_layers`` of them.
+        masks: ``"halves"`` or ``"random"``; ``seed`` seeds the random masks and the
+            conditioners' initial weights (the global RNG is left untouched).
+    """
+
+    def __init__(self, features: int, n_layers: int = 4, hidden: int = 512,
+                 hidden_layers: int = 2, masks: MaskKind = "halves", seed: int = 0) -> None:
+        super().__init__()
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        if features < 2:
+            raise SteeringError(
+                f"INNSteer needs activations of width at least 2 to split them into coupling "
+                f"halves, got {features}"
+            )
+        self.features = int(features)
+        self.register_buffer("mean", torch.zeros(features))
+        self.register_buffer("std", torch.ones(features))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            layers = []
+            for mask in coupling_masks(features, n_layers, masks, seed):
+                layer = GeneralCouplingTransform(
+                    features, mask=mask, univariate=TanhAffineTransform,
+                    hidden_features=(hidden,) * hidden_layers, activation=nn.ReLU)
+                last = layer.hyper[-1]  # zuko.nn.Linear
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
+                layers.append(layer)
+        self.couplings = nn.ModuleList(layers)
+
+    def set_standardisation(self, x: torch.Tensor) -> None:
+        """Fix μ and σ from training rows (N, d)."""
+        mean = x.mean(0)
+        std = x.std(0)
+        floor = STD_FLOOR * float(std.mean().clamp_min(1e-12))
+        self.mean.copy_(mean)
+        self.std.copy_(std.clamp_min(floor))
+
+    def coupling_transform(self) -> ComposedTransform:
+        return ComposedTransform(*[c() for c in self.couplings])
+
+    def transform(self) -> ComposedTransform:
+        """φ as one zuko transform (``.inv`` for φ⁻¹, ``.call_and_ladj`` for log|det J|)."""
+        return ComposedTransform(StandardiseTransform(self.mean, self.std),
+                                 *[c() for c in self.couplings])
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.transform()(h)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        return self.transform().inv(z)
+
+    def forward_and_logdet(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z = φ(h) and log|det ∂φ/∂h| per row."""
+        z, ladj = self.transform().call_and_ladj(h)
+        return z, ladj
+
+
+# -- training ----------------------------------------------------------------------------------
+def _check_rows(positive: torch.Tensor, negative: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    out = []
+    for name, x in (("positive", positive), ("negative", negative)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 2:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DataError(f"the {name} activations must be an (N, d) tensor, got {shape}")
+        if x.shape[0] < 2:
+            raise DataError(
+                f"INNSteer needs at least 2 {name} activations (one-class or empty data), "
+                f"got {x.shape[0]}"
+            )
+        x = x.detach().to(torch.float32).cpu()
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise DataError(f"the {name} activations have {bad} non-finite values (NaN or inf)")
+        out.append(x)
+    pos, neg = out
+    if pos.shape[1] != neg.shape[1]:
+        raise DataError(f"positive width {pos.shape[1]} != negative width {neg.shape[1]}")
+    if pos.shape[1] < 2:
+        raise DataError(
+            f"INNSteer needs activations of width at least 2 (coupling layers split the "
+            f"dimensions in two), got {pos.shape[1]}"
+        )
+    if pos.shape == neg.shape and torch.equal(pos, neg):
+        raise DataError("the positive and negative activations are identical: one class only")
+    return pos, neg
+
+
+def _split(n: int, fraction: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.randperm(n, generator=g)
+    n_val = max(1, round(n * fraction)) if n >= 4 and fraction > 0 else 0
+    return idx[n_val:], idx[:n_val]
+
+
+def _int(name: str, value: int, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise SteeringError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class INNSteer(Controller):
+    """INNSteer: z′ = φ(h) + λv, h′ = φ⁻¹(z′) (see the module docstring for the equations).
+
+    Args:
+        layer: block whose output (``site="resid_post"``) or input (``"resid_pre"``) is steered.
+        n_layers, hidden, hidden_layers, masks: the flow (4 couplings, 512-wide, 2 hidden
+            layers, alternating halves).
+        separation: ``"logistic"`` (joint linear probe) or ``"margin"``.
+        direction: ``"mean_diff"`` (latent class-mean difference) or ``"probe"``.
+        nll_weight, sep_weight, logdet_weight: loss weights (1, 1, 0.5).
+        epochs, batch_size, lr, weight_decay, warmup_epochs, clip: optimisation (300, 64, 1e-3,
+            1e-3, 60, 1.0).
+        val_fraction, patience: early stopping on a seeded validation split.
+        seed: seeds masks, initial weights, splits and batches.
+        scope: default token scope.
+    """
+
+    method: ClassVar[str] = "innsteer"
+
+    def __init__(
+        self,
+        layer: int = 15,
+        *,
+        site: Literal["resid_post", "resid_pre"] = "resid_post",
+        n_layers: int = 4,
+        hidden: int = 512,
+        hidden_layers: int = 2,
+        masks: MaskKind = "halves",
+        separation: Separation = "logistic",
+        direction: Direction = "mean_diff",
+        nll_weight: float = 0.1,
+        sep_weight: float = 1.0,
+        logdet_weight: float = 0.5,
+        epochs: int = 300,
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-3,
+        warmup_epochs: int = 60,
+        clip: float = 1.0,
+        val_fraction: float = 0.1,
+        patience: int = 30,
+        monitor: Monitor = "separation",
+        seed: int = 0,
+        scope: str = "last",
+    ) -> None:
+        super().__init__()
+        if site not in ("resid_post", "resid_pre"):
+            raise SteeringError(f"innsteer steers resid_post or resid_pre, not {site!r}")
+        if masks not in MASKS:
+            raise SteeringError(f"unknown masks {masks!r}; use halves or random")
+        if separation not in SEPARATIONS:
+            raise SteeringError(f"unknown separation {separation!r}; use logistic or margin")
+        if direction not in DIRECTIONS:
+            raise SteeringError(f"unknown direction {direction!r}; use mean_diff or probe")
+        if direction == "probe" and separation != "logistic":
+            raise SteeringError('direction="probe" needs separation="logistic" (the probe)')
+        self.layer = _int("layer", layer, 0)
+        self.site = site
+        self.n_layers = _int("n_layers", n_layers)
+        self.hidden = _int("hidden", hidden)
+        self.hidden_layers = _int("hidden_layers", hidden_layers)
+        self.masks: MaskKind = masks
+        self.separation: Separation = separation
+        self.direction: Direction = direction
+        self.nll_weight = check_positive("nll_weight", nll_weight, allow_zero=True)
+        self.sep_weight = check_positive("sep_weight", sep_weight, allow_zero=True)
+        self.logdet_weight = check_positive("logdet_weight", logdet_weight, allow_zero=True)
+        if self.nll_weight + self.sep_weight + self.logdet_weight == 0:
+            raise SteeringError("at least one loss weight must be positive")
+        self.epochs = _int("epochs", epochs)
+        self.batch_size = _int("batch_size", batch_size)
+        self.lr = check_positive("lr", lr)
+        self.weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
+        self.warmup_epochs = _int("warmup_epochs", warmup_epochs, 0)
+        self.clip = check_positive("clip", clip)
+        self.val_fraction = check_positive("val_fraction", val_fraction, allow_zero=True)
+        if self.val_fraction >= 1:
+            raise SteeringError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        self.patience = _int("patience", patience)
+        if monitor not in MONITORS:
+            raise SteeringError(f"unknown monitor {monitor!r}; use separation or loss")
+        self.monitor: Monitor = monitor
+        self.seed = int(seed)
+        self.scope = scope
+        self.default_scope = parse_scope(scope)
+        # learned state
+        self.flow: LatentFlow | None = None
+        self.steering_vector: torch.Tensor | None = None  # v (d,)
+        self.mean_diff: torch.Tensor | None = None  # mean φ(h₊) − mean φ(h₋) (d,)
+        self.probe_weight: torch.Tensor | None = None  # (d,), logistic separation only
+        self.probe_bias: torch.Tensor | None = None  # (1,)
+        self.history: dict[str, list[float]] = {}
+        self._on_device: dict[torch.device, tuple[LatentFlow, torch.Tensor]] = {}
+
+    # -- estimator -----------------------------------------------------------------------------
+    def make_flow(self, features: int) -> LatentFlow:
+        return LatentFlow(features, self.n_layers, self.hidden, self.hidden_layers, self.masks,
+                          self.seed)
+
+    def fit_sites(self) -> list[Site]:
+        """The one site whose activations :meth:`fit` expects (and :meth:`steer` steers)."""
+        return [Site(self.site, self.layer)]
+
+    def _separation_loss(self, z: torch.Tensor, y: torch.Tensor,
+                         probe: nn.Linear | None) -> torch.Tensor:
+        if self.separation == "logistic":
+            assert probe is not None
+            return nn.functional.binary_cross_entropy_with_logits(probe(z).squeeze(-1), y)
+        pos, neg = z[y == 1], z[y == 0]
+        if pos.shape[0] == 0 or neg.shape[0] == 0:
+            return z.new_zeros(())
+        mp, mn = pos.mean(0), neg.mean(0)
+        u = (mp - mn).detach()
+        u = u / (u.norm() + 1e-12)
+        proj = (z - 0.5 * (mp + mn)) @ u
+        sign = 2 * y - 1
+        return torch.relu(1 - sign * proj).mean()
+
+    def _loss(self, flow: LatentFlow, probe: nn.Linear | None, x: torch.Tensor,
+              y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total loss, separation term) on rows ``x`` with labels ``y``."""
+        z0 = (x - flow.mean) / flow.std
+        z, ladj = flow.coupling_transform().call_and_ladj(z0)
+        d = x.shape[1]
+        sep = self._separation_loss(z, y, probe)
+        loss = self.sep_weight * sep
+        if self.nll_weight:
+            loss = loss + self.nll_weight * ((0.5 * z.pow(2).sum(1) - ladj) / d).mean()
+        if self.logdet_weight:
+            loss = loss + self.logdet_weight * (ladj / d).pow(2).mean()
+        return loss, sep
+
+    def fit(self, positive: torch.Tensor, negative: torch.Tensor, *,
+            progress: bool = False) -> Self:
+        """Train φ on positive (N₊, d) and negative (N₋, d) activations at the site."""
+        start = time.perf_counter()
+        pos, neg = _check_rows(positive, negative)
+        x_all = torch.cat([pos, neg])
+        y_all = torch.cat([torch.ones(pos.shape[0]), torch.zeros(neg.shape[0])])
+        g = torch.Generator().manual_seed(self.seed)
+        tr_p, va_p = _split(pos.shape[0], self.val_fraction, g)
+        tr_n, va_n = _split(neg.shape[0], self.val_fraction, g)
+        train = torch.cat([tr_p, tr_n + pos.shape[0]])
+        val = torch.cat([va_p, va_n + pos.shape[0]])
+        d = x_all.shape[1]
+        flow = self.make_flow(d)
+        flow.set_standardisation(x_all[train])
+        probe: nn.Linear | None = None
+        if self.separation == "logistic":
+            probe = nn.Linear(d, 1)
+            nn.init.zeros_(probe.weight)
+            nn.init.zeros_(probe.bias)
+        params = list(flow.parameters()) + (list(probe.parameters()) if probe else [])
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        warm, total = self.warmup_epochs, self.epochs
+
+        def schedule(epoch: int) -> float:
+            if epoch < warm:
+                return (epoch + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (epoch - warm) / max(1, total - warm)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
+        best: tuple[float, int, dict[str, Any]] | None = None
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, desc="INNSteer flow", unit="epoch", leave=False)
+        epoch = 0
+        try:
+            for epoch in range(total):
+                flow.train()
+                order = train[torch.randperm(train.shape[0], generator=g)]
+                losses = []
+                for i in range(0, order.shape[0], self.batch_size):
+                    idx = order[i:i + self.batch_size]
+                    loss, _ = self._loss(flow, probe, x_all[idx], y_all[idx])
+                    if not bool(torch.isfinite(loss)):
+                        raise SteeringError(
+                            f"INNSteer training diverged at epoch {epoch + 1} (loss {loss.item()})"
+                            f"; lower lr (now {self.lr:g}) or sep_weight, or raise weight_decay"
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(params, self.clip)
+                    opt.step()
+                    losses.append(float(loss.detach()))
+                sched.step()
+                history["train_loss"].append(float(np.mean(losses)))
+                if val.numel():
+                    with torch.no_grad():
+                        v_total, v_sep = self._loss(flow, probe, x_all[val], y_all[val])
+                        vloss = float(v_sep if self.monitor == "separation" else v_total)
+                    if not math.isfinite(vloss):
+                        raise SteeringError(
+                            f"INNSteer validation loss is {vloss} at epoch {epoch + 1}: training "
+                            f"diverged; lower lr (now {self.lr:g})"
+                        )
+                else:
+                    vloss = history["train_loss"][-1]
+                history["val_loss"].append(vloss)
+                if best is None or vloss < best[0]:
+                    state = {"flow": copy.deepcopy(flow.state_dict()),
+                             "probe": copy.deepcopy(probe.state_dict()) if probe else None}
+                    best = (vloss, epoch, state)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(train=f"{history['train_loss'][-1]:.4f}", val=f"{vloss:.4f}")
+                if epoch - max(best[1], warm - 1) >= self.patience:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        assert best is not None
+        flow.load_state_dict(best[2]["flow"])
+        if probe is not None:
+            probe.load_state_dict(best[2]["probe"])
+        flow.eval()
+        with torch.no_grad():
+            z_train = flow(x_all[train])
+        y_train = y_all[train]
+        mean_diff = z_train[y_train == 1].mean(0) - z_train[y_train == 0].mean(0)
+        if not bool(torch.isfinite(mean_diff).all()):
+            raise SteeringError("INNSteer training produced non-finite latents; lower lr")
+        self._set_state(flow, mean_diff,
+                        probe.weight.detach().reshape(-1).clone() if probe else None,
+                        probe.bias.detach().reshape(-1).clone() if probe else None)
+        self.history = history
+        self.fit_info.update(
+            fit_seconds=round(time.perf_counter() - start, 3),
+            epochs_run=epoch + 1,
+            best_epoch=best[1] + 1,
+            best_val_loss=round(best[0], 6),
+            n_positive=int(pos.shape[0]),
+            n_negative=int(neg.shape[0]),
+            n_val=int(val.numel()),
+            latent_mean_diff_norm=round(float(mean_diff.norm()), 4),
+        )
+        if self.probe_weight is not None:
+            self.fit_info["joint_probe_train_accuracy"] = round(
+                self.probe_accuracy(pos, neg), 4)
+        return self
+
+    def _set_state(self, flow: LatentFlow, mean_diff: torch.Tensor,
+                   probe_weight: torch.Tensor | None, probe_bias: torch.Tensor | None) -> None:
+        self.flow = flow.eval()
+        for p in flow.parameters():
+            p.requires_grad_(False)
+        self.mean_diff = mean_diff.detach().clone()
+        self.probe_weight, self.probe_bias = probe_weight, probe_bias
+        if self.direction == "probe":
+            if probe_weight is None or float(probe_weight.norm()) == 0:
+                raise SteeringError("the probe direction needs a trained, non-zero probe")
+            u = probe_weight / probe_weight.norm()
+            self.steering_vector = u * (u @ self.mean_diff)
+        else:
+            self.steering_vector = self.mean_diff.clone()
+        self.sites = self.fit_sites() if not self.sites else self.sites
+        self._on_device = {}
+
+    def _device_state(self, device: torch.device) -> tuple[LatentFlow, torch.Tensor]:
+        self.check_fitted()
+        assert self.flow is not None and self.steering_vector is not None
+        st = self._on_device.get(device)
+        if st is None:
+            if device == torch.device("cpu"):
+                st = (self.flow, self.steering_vector)
+            else:
+                st = (copy.deepcopy(self.flow).to(device), self.steering_vector.to(device))
+            self._on_device[device] = st
+        return st
+
+    @property
+    def hidden_size(self) -> int:
+        self.check_fitted()
+        assert self.flow is not None
+        return self.flow.features
+
+    # -- inspection ----------------------------------------------------------------------------
+    def encode(self, h: torch.Tensor) -> torch.Tensor:
+        """z = φ(h) for rows (…, d), in float32."""
+        flow, _ = self._device_state(h.device)
+        with torch.no_grad():
+            return flow(h.to(torch.float32))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """h = φ⁻¹(z) for rows (…, d), in float32."""
+        flow, _ = self._device_state(z.device)
+        with torch.no_grad():
+            return flow.inverse(z.to(torch.float32))
+
+    def probe_accuracy(self, positive: torch.Tensor, negative: torch.Tensor) -> float:
+        """Accuracy of the jointly trained latent probe (logistic separation only)."""
+        if self.probe_weight is None or self.probe_bias is None:
+            raise SteeringError("this INNSteer has no probe (separation='margin')")
+        zp = self.encode(positive.cpu())
+        zn = self.encode(negative.cpu())
+        hits = int(((zp @ self.probe_weight + self.probe_bias) > 0).sum())
+        hits += int(((zn @ self.probe_weight + self.probe_bias) <= 0).sum())
+        return hits / (zp.shape[0] + zn.shape[0])
+
+    # -- run time ------------------------------------------------------------------------------
+    def transport(self, rows: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """h′ = φ⁻¹(φ(h) + λv) for float32 rows (N, d) and strengths λ (N,)."""
+        flow, v = self._device_state(rows.device)
+        t = flow.transform()
+        return t.inv(t(rows) + lam[:, None] * v)
+
+    def steer(
+        self, site: Site, h: torch.Tensor, strength: torch.Tensor, ctx: StepContext
+    ) -> torch.Tensor:
+        d = self.hidden_size
+        if h.shape[-1] != d:
+            raise SteeringError(
+                f"innsteer at {site} was fitted on width {d} but the activation has "
+                f"{h.shape[-1]}"
+            )
+        lam = strength.to(device=h.device, dtype=torch.float32).reshape(-1)
+        if not bool(torch.isfinite(lam).all()):
+            raise SteeringError(f"strength must be finite, got {lam.tolist()}")
+        if lam.shape[0] != h.shape[0]:
+            raise SteeringError(f"strength has {lam.shape[0]} rows for a batch of {h.shape[0]}")
+        if not bool((lam != 0).any()):
+            return h
+        rows = h.reshape(-1, d)
+        lam_rows = lam.reshape(-1, *([1] * (h.ndim - 2))).expand(h.shape[:-1]).reshape(-1)
+        moved = self.transport(rows.to(torch.float32), lam_rows)
+        out = torch.where((lam_rows == 0)[:, None], rows, moved.to(h.dtype))
+        return out.reshape(h.shape)
+
+    # -- artifacts -----------------------------------------------------------------------------
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"layer": self.layer, "site": self.site, "n_layers": self.n_layers,
+                "hidden": self.hidden, "hidden_layers": self.hidden_layers, "masks": self.masks,
+                "separation": self.separation, "direction": self.direction,
+                "nll_weight": self.nll_weight, "sep_weight": self.sep_weight,
+                "logdet_weight": self.logdet_weight, "epochs": self.epochs,
+                "batch_size": self.batch_size, "lr": self.lr, "weight_decay": self.weight_decay,
+                "warmup_epochs": self.warmup_epochs, "clip": self.clip,
+                "val_fraction": self.val_fraction, "patience": self.patience,
+                "monitor": self.monitor, "seed": self.seed,
+                "scope": self.scope}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        self.check_fitted()
+        assert self.flow is not None and self.mean_diff is not None
+        out = {f"flow.{k}": v.detach().contiguous() for k, v in self.flow.state_dict().items()}
+        out["mean_diff"] = self.mean_diff
+        if self.probe_weight is not None and self.probe_bias is not None:
+            out["probe_weight"] = self.probe_weight
+            out["probe_bias"] = self.probe_bias
+        return out
+
+    def load_state(self, tensors: dict[str, torch.Tensor], sites: list[Site]) -> None:
+        if len(sites) != 1:
+            raise SteeringError(f"innsteer steers one site, got {[str(s) for s in sites]}")
+        if "flow.mean" not in tensors or "mean_diff" not in tensors:
+            raise SteeringError("the saved state lacks the flow or the latent mean difference")
+        flow = self.make_flow(int(tensors["flow.mean"].shape[0]))
+        state = {k[len("flow."):]: v for k, v in tensors.items() if k.startswith("flow.")}
+        try:
+            flow.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise SteeringError(
+                f"the saved flow does not match the hyper-parameters (n_layers={self.n_layers}, "
+                f"hidden={self.hidden}, hidden_layers={self.hidden_layers}): {exc}"
+            ) from exc
+        self.sites = list(sites)
+        self._set_state(flow, tensors["mean_diff"].to(torch.float32),
+                        tensors.get("probe_weight"), tensors.get("probe_bias"))
+
+
+def linear_probe_accuracy(train_pos: torch.Tensor, train_neg: torch.Tensor,
+                          test_pos: torch.Tensor, test_neg: torch.Tensor, *,
+                          C: float = 1.0, seed: int = 0) -> float:
+    """Held-out accuracy of a standardised logistic-regression probe (scikit-learn)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = torch.cat([train_pos, train_neg]).double().numpy()
+    y = np.r_[np.ones(train_pos.shape[0]), np.zeros(train_neg.shape[0])]
+    clf = make_pipeline(StandardScaler(),
+                        LogisticRegression(C=C, max_iter=2000, random_state=seed))
+    clf.fit(x, y)
+    xt = torch.cat([test_pos, test_neg]).double().numpy()
+    yt = np.r_[np.ones(test_pos.shape[0]), np.zeros(test_neg.shape[0])]
+    return float(clf.score(xt, yt))

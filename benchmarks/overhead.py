@@ -9,8 +9,11 @@ Configurations, each at every batch size:
   output) at λ = 1, scope ``last``; ``alqr+``: the same at every position (scope ``all``);
 * ``odesteer``: ODESteer on one block (10 Euler steps of the normalised barrier gradient,
   T = 10, scope ``last``); ``stepodesteer``: its one-step ablation.
+* ``innsteer``: INNSteer on one block (φ, latent shift, φ⁻¹ through 4 coupling layers of
+  width 512) at λ = 2, scope ``last`` and scope ``all``.
 
-Targets: CAA >= 0.95 (issue 2), A-LQR >= 0.9 (issue 3), ODESteer >= 0.9 (issue 4).
+Targets: CAA >= 0.95 (issue 2), A-LQR >= 0.9 (issue 3), ODESteer >= 0.9 (issue 4),
+INNSteer >= 0.9 (issue 5).
 
 The CAA vectors are fitted with :func:`steerlab.fitting.fit_caa` on the built-in sentiment
 pairs (activations cached in ``$STEERLAB_CACHE``), so they have realistic norms. Every call
@@ -56,8 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7, help="timed rounds (after one warm-up)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--methods", nargs="+", default=["caa", "alqr", "ode"],
-                   choices=["caa", "alqr", "ode"],
+    p.add_argument("--methods", nargs="+", default=["caa", "alqr", "ode", "inn"],
+                   choices=["caa", "alqr", "ode", "inn"],
                    help="method families to time against unsteered")
     p.add_argument("--attn", default="eager", help="attn_implementation (load_model default)")
     p.add_argument(
@@ -77,11 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # Targets per method family (issue 2: CAA >= 0.95; issue 3: closed-loop A-LQR >= 0.9).
-TARGETS = {"caa": 0.95, "alqr": 0.9, "ode": 0.9}
+TARGETS = {"caa": 0.95, "alqr": 0.9, "ode": 0.9, "inn": 0.9}
 
 
 def target_of(name: str) -> float:
-    for family in ("alqr", "ode"):
+    for family in ("alqr", "ode", "inn"):
         if name.startswith(family) or name.startswith(f"step{family}"):
             return TARGETS[family]
     return TARGETS["caa"]
@@ -113,6 +116,14 @@ def fit_controllers(lm: LoadedModel, methods: list[str]) -> dict[str, list[Steer
         step = fit_odesteer(lm, data, StepODESteer(layer=layer), progress=False)
         configs[f"odesteer (L{layer}, 10 Euler steps)"] = [Steer(ode, 10.0)]
         configs[f"stepodesteer (L{layer})"] = [Steer(step, 10.0)]
+    if "inn" in methods:
+        from steerlab.fitting import fit_innsteer
+        from steerlab.methods.inn import INNSteer
+
+        layer = (2 * n) // 5
+        inn = fit_innsteer(lm, data, INNSteer(layer=layer), progress=False)
+        configs[f"innsteer (L{layer}, scope last)"] = [Steer(inn, 2.0)]
+        configs[f"innsteer (L{layer}, scope all)"] = [Steer(inn, 2.0, scope="all")]
     return configs
 
 

@@ -91,6 +91,19 @@ def test_flow_matches_hand_written_reference_and_brute_force_logdet(masks: str, 
         assert math.isclose(float(logabs), float(ladj_row[0]), rel_tol=1e-9, abs_tol=1e-9)
 
 
+@pytest.mark.parametrize("masks", ["halves", "random"])
+@pytest.mark.parametrize("d", [2, 7, 12])
+def test_fast_path_equals_zuko(masks: str, d: int) -> None:
+    flow = _randomised(LatentFlow(d, n_layers=4, hidden=16, masks=masks, seed=2))  # type: ignore[arg-type]
+    h = torch.randn(3, 5, d)
+    with torch.no_grad():
+        z = flow(h)
+        torch.testing.assert_close(flow.fast_forward(h), z, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(flow.fast_inverse(z), flow.inverse(z), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(flow.fast_inverse(flow.fast_forward(h)), h, rtol=1e-5,
+                                   atol=1e-5)
+
+
 def test_masks_alternate_halves_or_are_seeded() -> None:
     halves = coupling_masks(5, 4, "halves", 0)
     assert halves[0].tolist() == [True, True, False, False, False]

@@ -9,11 +9,13 @@ Configurations, each at every batch size:
   output) at λ = 1, scope ``last``; ``alqr+``: the same at every position (scope ``all``);
 * ``odesteer``: ODESteer on one block (10 Euler steps of the normalised barrier gradient,
   T = 10, scope ``last``); ``stepodesteer``: its one-step ablation.
+* ``sas``: SAS with each ``--sae`` (TopK SAE; encode, add λv in feature space, decode the
+  difference) at λ = 4, scope ``last`` and scope ``all``.
 * ``innsteer``: INNSteer on one block (φ, latent shift, φ⁻¹ through 4 coupling layers of
   width 512) at λ = 2, scope ``last`` and scope ``all``.
 
 Targets: CAA >= 0.95 (issue 2), A-LQR >= 0.9 (issue 3), ODESteer >= 0.9 (issue 4),
-INNSteer >= 0.9 (issue 5).
+INNSteer >= 0.9 (issue 5), SAS >= 0.9 (issue 6).
 
 The CAA vectors are fitted with :func:`steerlab.fitting.fit_caa` on the built-in sentiment
 pairs (activations cached in ``$STEERLAB_CACHE``), so they have realistic norms. Every call
@@ -60,8 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--methods", nargs="+", default=["caa", "alqr", "ode", "inn"],
-                   choices=["caa", "alqr", "ode", "inn"],
+                   choices=["caa", "alqr", "ode", "inn", "sas"],
                    help="method families to time against unsteered")
+    p.add_argument("--sae", nargs="+", default=[],
+                   help="SAS: SAELens folder(s) of SAEs on the middle-ish block (sas_eval.py "
+                        "writes sas-eval/sae-8x and sae-32x)")
     p.add_argument("--attn", default="eager", help="attn_implementation (load_model default)")
     p.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
@@ -80,17 +85,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # Targets per method family (issue 2: CAA >= 0.95; issue 3: closed-loop A-LQR >= 0.9).
-TARGETS = {"caa": 0.95, "alqr": 0.9, "ode": 0.9, "inn": 0.9}
+TARGETS = {"caa": 0.95, "alqr": 0.9, "ode": 0.9, "inn": 0.9, "sas": 0.9}
 
 
 def target_of(name: str) -> float:
-    for family in ("alqr", "ode", "inn"):
+    for family in ("alqr", "ode", "inn", "sas"):
         if name.startswith(family) or name.startswith(f"step{family}"):
             return TARGETS[family]
     return TARGETS["caa"]
 
 
-def fit_controllers(lm: LoadedModel, methods: list[str]) -> dict[str, list[Steer]]:
+def fit_controllers(lm: LoadedModel, methods: list[str],
+                    sae_paths: list[str] | None = None) -> dict[str, list[Steer]]:
     """The steering configurations: name -> steers (empty for unsteered)."""
     n = lm.info.num_layers
     data = sentiment_pairs()
@@ -124,6 +130,21 @@ def fit_controllers(lm: LoadedModel, methods: list[str]) -> dict[str, list[Steer
         inn = fit_innsteer(lm, data, INNSteer(layer=layer), progress=False)
         configs[f"innsteer (L{layer}, scope last)"] = [Steer(inn, 2.0)]
         configs[f"innsteer (L{layer}, scope all)"] = [Steer(inn, 2.0, scope="all")]
+    if "sas" in methods:
+        from steerlab.fitting import fit_sas
+        from steerlab.methods.sas import SAS
+        from steerlab.sae import load_saelens
+
+        if not sae_paths:
+            raise SystemExit("--methods sas needs --sae FOLDER (benchmarks/sas_eval.py or "
+                             "steerlab sae train writes one)")
+        for path in sae_paths:
+            sae = load_saelens(path)
+            layer = int(sae.config.site.split(".")[1])
+            sas = fit_sas(lm, data, SAS(layer, sae=sae, recipe="last"), progress=False)
+            name = f"sas (L{layer}, {sae.config.d_sae // lm.info.hidden_size}x"
+            configs[f"{name}, scope last)"] = [Steer(sas, 4.0)]
+            configs[f"{name}, scope all)"] = [Steer(sas, 4.0, scope="all")]
     return configs
 
 
@@ -165,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"model: {lm.info.model_id} ({lm.info.num_layers} layers, d={lm.info.hidden_size}), "
         f"attn={args.attn}, dtype={next(lm.model.parameters()).dtype}"
     )
-    configs = fit_controllers(lm, args.methods)
+    configs = fit_controllers(lm, args.methods, args.sae)
     print("vectors: fit_caa on sentiment_pairs() (recipe 'last', cached activations)")
     for name, steers in configs.items():
         for s in steers:

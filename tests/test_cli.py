@@ -125,3 +125,33 @@ def test_fit_on_one_class_data_fails_and_writes_nothing(folder: Path, tmp_path: 
     assert r.exit_code == 2, r.output
     assert "nothing to contrast" in r.output
     assert not art.exists() and not list(tmp_path.glob("*.safetensors*"))
+
+
+def test_sae_train_fit_sas_and_features(folder: Path, data: Path, tmp_path: Path) -> None:
+    sae_dir = tmp_path / "sae"
+    r = runner.invoke(app, ["sae", "train", "--model", str(folder), "--layer", "1",
+                            "--expansion", "4", "--k", "8", "--corpus", "builtin",
+                            "--max-tokens", "1500", "--epochs", "2", "--spliced-texts", "5",
+                            "--out", str(sae_dir)])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["hook_name"] == "blocks.1.hook_resid_post"
+    assert (sae_dir / "sae_weights.safetensors").is_file()
+    art = tmp_path / "sas.safetensors"
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", "sas", "--sae",
+                            str(sae_dir), "--tau", "0", "--recipe", "last", "--data", str(data),
+                            "--layers", "1", "--out", str(art)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["features", str(art), "--model", str(folder), "--max-texts", "20",
+                            "--top", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    assert '"feature"' in r.output and '"snippets"' in r.output
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", "sas", "--sae",
+                            str(sae_dir), "--tau", "1.5", "--data", str(data), "--layers", "1",
+                            "--out", str(tmp_path / "bad.safetensors")])
+    assert r.exit_code == 2 and "[0, 1]" in r.output
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", "sas", "--sae",
+                            str(sae_dir), "--data", str(data), "--layers", "0",
+                            "--out", str(tmp_path / "bad.safetensors")])
+    assert r.exit_code == 2 and "resid_post.1" in r.output
+    assert not (tmp_path / "bad.safetensors").exists()

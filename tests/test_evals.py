@@ -30,3 +30,29 @@ def test_sentiment_sweep_rows() -> None:
     ppl0 = conditional_perplexity(lm, ["hi"], [rows[0]["example"]])
     assert ppl0 > 1.0
     assert rows[1]["ppl"] / rows[0]["ppl"] == pytest.approx(rows[1]["ppl_ratio"])
+
+
+def test_ab_match_probability_against_a_manual_forward() -> None:
+    from steerlab.data import ContrastivePair, ContrastiveSet, Renderer
+    from steerlab.evals.ab import ab_match_probability
+
+    lm = tiny_model("llama", chat=True)
+    data = ContrastiveSet([
+        ContrastivePair("Pick one.\n (A) yes\n (B) no", "(A)", "(B)"),
+        ContrastivePair("Again?\n (A) no\n (B) yes", "(B)", "(A)"),
+    ])
+    p = ab_match_probability(lm, data)
+    renderer = Renderer(lm.tokenizer)
+    tok = lm.tokenizer
+    a, b = (tok.encode(x, add_special_tokens=False)[0] for x in ("A", "B"))
+    manual = []
+    for pair, want in zip(data, (0, 1), strict=True):
+        ids = tok(renderer.prompt(pair.prompt) + "(", add_special_tokens=False,
+                  return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = lm.model(input_ids=ids).logits[0, -1]
+        manual.append(float(torch.softmax(logits[[a, b]], dim=0)[want]))
+    assert p == pytest.approx(sum(manual) / 2, abs=1e-6)
+    c = CAA(layers=1)
+    c.set_vectors({Site("resid_post", 1): torch.randn(32) * 20})
+    assert ab_match_probability(lm, data, Steer(c, 5.0, "all")) != pytest.approx(p, abs=1e-6)

@@ -104,7 +104,7 @@ def fit(
     out: Annotated[Path, typer.Option("--out", "-o", help="artifact path (.safetensors)")],
     model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
     method: Annotated[str, typer.Option(help="caa, actadd, alqr, alqr_plus, spid, actadd_lfs, "
-                                         "odesteer, step_odesteer, innsteer")] = (
+                                         "odesteer, step_odesteer, innsteer, sas")] = (
         "caa"
     ),
     data: Annotated[str, typer.Option(help="'sentiment' (built in) or a dataset path")] = (
@@ -123,9 +123,12 @@ def fit(
     keep_k: Annotated[bool, typer.Option("--keep-K", help="store the full gains K")] = False,
     epochs: Annotated[int, typer.Option(help="INNSteer: most training epochs")] = 300,
     direction: Annotated[str, typer.Option(help="INNSteer: mean_diff or probe")] = "mean_diff",
+    sae: Annotated[str | None, typer.Option(help="SAS: SAELens folder of the SAE")] = None,
+    tau: Annotated[float, typer.Option(help="SAS: frequency threshold τ in [0, 1]")] = 0.1,
+    embed_sae: Annotated[bool, typer.Option(help="SAS: embed the SAE in the artifact")] = True,
 ) -> None:
     """Fit a controller (caa, actadd, alqr, alqr_plus, spid, actadd_lfs, odesteer,
-    step_odesteer, innsteer) and save it as an artifact."""
+    step_odesteer, innsteer, sas) and save it as an artifact."""
     try:
         from steerlab import artifacts
         from steerlab.data import ContrastiveSet, load_dataset, sentiment_pairs
@@ -187,10 +190,24 @@ def fit(
             controller = fit_innsteer(lm, dataset_any, INNSteer(
                 layer=layer_list[0], scope=scope, epochs=epochs,
                 warmup_epochs=min(60, epochs // 5), direction=direction))  # type: ignore[arg-type]
+        elif method == "sas":
+            from steerlab.fitting import fit_sas
+            from steerlab.methods import SAS
+
+            if sae is None:
+                raise SteerlabError("SAS needs --sae FOLDER (train one: steerlab sae train)")
+            dataset = sentiment_pairs() if data == "sentiment" else load_dataset(data)
+            if not isinstance(dataset, ContrastiveSet):
+                raise SteerlabError(f"{data} is a labelled set; SAS needs contrastive pairs")
+            if limit:
+                dataset = dataset[:limit]
+            controller = fit_sas(lm, dataset, SAS(
+                layer=layer_list[0], sae=sae, tau=tau, recipe=recipe,  # type: ignore[arg-type]
+                embed_sae=embed_sae, scope=scope))
         else:
             raise SteerlabError(
                 f"unknown method {method!r}; use caa, actadd, alqr, alqr_plus, spid, "
-                f"actadd_lfs, odesteer, step_odesteer or innsteer"
+                f"actadd_lfs, odesteer, step_odesteer, innsteer or sas"
             )
         path = artifacts.save(controller, out)
         console.print(f"[green]saved[/] {path}")
@@ -324,6 +341,11 @@ def import_gguf(
 diagnose_app = typer.Typer(help="Diagnostics of model-based steering (A-LQR paper, sec. 6).",
                            no_args_is_help=True)
 app.add_typer(diagnose_app, name="diagnose")
+
+from steerlab.cli_sae import features, sae_app  # noqa: E402
+
+app.add_typer(sae_app, name="sae")
+app.command("features")(features)
 
 
 @diagnose_app.command("alqr")

@@ -25,6 +25,7 @@ from steerlab.sites import Site, find_layers
 if TYPE_CHECKING:
     from steerlab.methods.inn import INNSteer
     from steerlab.methods.ode import ODESteer, StepODESteer
+    from steerlab.methods.sas import SAS
 
 _RECIPE_POSITION = {
     "ab": Position.answer_letter(),
@@ -353,3 +354,37 @@ def _heldout_split(
         return x[idx[n_test:]], x[idx[:n_test]]
 
     return split(pos), split(neg)
+
+
+def fit_sas(
+    lm: LoadedModel,
+    data: ContrastiveSet,
+    controller: SAS,
+    *,
+    renderer: Renderer | None = None,
+    batch_size: int = 16,
+    cache: bool = True,
+    progress: bool = True,
+) -> SAS:
+    """Fit an SAS vector: the positive and negative examples' activations at the controller's
+    site (at its recipe's position, as CAA), encoded by its SAE."""
+    data.validate(min_size=1)
+    renderer = renderer or Renderer(lm.tokenizer)
+    site = find_layers(lm.model).resolve(controller.fit_sites()[0])
+    sae = controller._require_sae()
+    if sae.config.d_in != lm.info.hidden_size:
+        raise DataError(f"the SAE reads width {sae.config.d_in} but {lm.info.model_id} has "
+                        f"hidden size {lm.info.hidden_size}")
+    start = time.perf_counter()
+    pos_s, neg_s = contrastive_samples(data, renderer)
+    position = _RECIPE_POSITION[controller.recipe]
+    pos = collect(lm, pos_s, [site], position, batch_size=batch_size, cache=cache,
+                  progress=progress, desc="positive activations")[site]
+    neg = collect(lm, neg_s, [site], position, batch_size=batch_size, cache=cache,
+                  progress=progress, desc="negative activations")[site]
+    t_collect = time.perf_counter() - start
+    controller.fit(pos, neg)
+    controller.model_info = lm.info
+    controller.data_fingerprint = data.fingerprint()
+    controller.fit_info.update(data=data.name, collect_seconds=round(t_collect, 3))
+    return controller

@@ -8,6 +8,7 @@ from steerlab.methods.base import Controller
 from steerlab.methods.caa import CAA
 from steerlab.methods.inn import INNSteer
 from steerlab.methods.ode import ODESteer, StepODESteer
+from steerlab.methods.sas import SAS
 
 METHODS: dict[str, type[Controller]] = {
     "caa": CAA,
@@ -19,12 +20,14 @@ METHODS: dict[str, type[Controller]] = {
     "odesteer": ODESteer,
     "step_odesteer": StepODESteer,
     "innsteer": INNSteer,
+    "sas": SAS,
 }
 
 __all__ = [
     "ALQR",
     "CAA",
     "METHODS",
+    "SAS",
     "SPID",
     "ALQRPlus",
     "ActAdd",

@@ -59,7 +59,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, Self, cast
 
 import numpy as np
 import torch
@@ -223,7 +223,7 @@ class LatentFlow(nn.Module):
         if cached is None or cached[0] != self.mean.device:
             splits: list[tuple[torch.Tensor, torch.Tensor, int]] = []
             for c in self.couplings:
-                m = c.mask
+                m = cast(torch.Tensor, c.mask)
                 ia, ib = m.nonzero().reshape(-1), (~m).nonzero().reshape(-1)
                 k, n = int(m.sum()), m.numel()
                 code = k if bool(m[:k].all()) else (-(n - k) if bool(m[n - k:].all()) else 0)
@@ -240,7 +240,8 @@ class LatentFlow(nn.Module):
             x_b, x_a = x[..., :-code], x[..., -code:]
         else:
             x_a, x_b = x[..., ia], x[..., ib]
-        p = self.couplings[i].hyper(x_a).unflatten(-1, (-1, 2))
+        hyper = cast(nn.Module, self.couplings[i].hyper)
+        p = hyper(x_a).unflatten(-1, (-1, 2))
         t, s = p[..., 0], torch.tanh(p[..., 1])
         y_b = (x_b - t) * torch.exp(-s) if inverse else x_b * s.exp() + t
         if code > 0:

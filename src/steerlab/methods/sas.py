@@ -21,9 +21,10 @@ are returned bit for bit) and λ < 0 suppresses the behaviour.
 a′ = a + (σ(s + λv) − s)·W_dec: one encode and one decode of a difference instead of two
 decodes. For ReLU and JumpReLU SAEs, σ(s) = s where v = 0 (s is already an activation), so the
 difference is zero outside the support of v and only those columns of W_enc and rows of W_dec
-are used: the cost is O(d·|supp v|) per token instead of O(d·m). A test checks both forms
-against the literal formula. TopK SAEs use the full encoder (the top k depends on every
-feature).
+are used: the cost is O(d·|supp v|) per token instead of O(d·m). TopK SAEs need the full
+encoder (the top k depends on every feature), but σ(s + λv) − s is non-zero on at most 2k
+features per row, so only the decoder rows of the features it touches are read. A test checks
+every architecture against the literal formula.
 
 **Composition.** :meth:`SAS.compose` adds several SAS vectors of the same SAE in sparse space
 (with weights), giving one controller: σ(s + Σ λᵢvᵢ).
@@ -265,8 +266,10 @@ class SAS(Controller):
         if st["arch"] == "topk":
             sae: SparseAutoencoder = st["sae"]
             s = sae.encode(rows)
-            new = sae.activation(s + lam[:, None] * st["v"])
-            return rows + (new - s) @ sae.decoder_weight()
+            diff = sae.activation(s + lam[:, None] * st["v"]) - s
+            # the difference is sparse (at most 2k features per row): decode only those rows
+            touched = torch.nonzero(diff.abs().amax(0)).reshape(-1)
+            return rows + diff[:, touched] @ sae.decoder_weight()[touched]
         x = rows - st["b_dec_in"] if st["b_dec_in"] is not None else rows
         pre = x @ st["W_enc"] + st["b_enc"]
         if st["arch"] == "relu":

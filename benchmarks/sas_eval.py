@@ -52,6 +52,9 @@ def main() -> None:
     p.add_argument("--caa", type=float, nargs="+", default=[2.0, 4.0, 6.0])
     p.add_argument("--new-tokens", type=int, default=40)
     p.add_argument("--out", default="sas-eval", help="folder for the SAEs")
+    p.add_argument("--load", action="store_true",
+                   help="load the SAEs saved in --out by an earlier run instead of training")
+    p.add_argument("--skip-sentiment", action="store_true")
     p.add_argument("--json", dest="json_out", default=None)
     args = p.parse_args()
     if not SHARED.is_dir():
@@ -61,19 +64,26 @@ def main() -> None:
     site = f"resid_post.{args.layer}"
     out: dict[str, Any] = {"model": lm.info.as_dict(), "layer": args.layer, "saes": {}}
 
-    texts = load_corpus(SHARED)
+    saes: dict[int, Any] = {}
+    if args.load:
+        from steerlab.sae import load_saelens
+
+        for w in args.widths:
+            saes[w] = load_saelens(Path(args.out) / f"sae-{w}x")
+            out["saes"][f"{w}x"] = saes[w].train_report
+    texts = [] if args.load else load_corpus(SHARED)
     random.Random(0).shuffle(texts)
     held, train = texts[:50], texts[50:]
     t0 = time.perf_counter()
-    shards = corpus_activations(lm, train, site, max_tokens=args.max_tokens)
-    held_acts = corpus_activations(lm, held, site, max_tokens=args.max_tokens)
-    out["corpus"] = {"texts": len(texts), "train_tokens": shards.n_tokens,
-                     "heldout_tokens": held_acts.n_tokens,
-                     "collect_seconds": round(time.perf_counter() - t0, 1)}
-    print(f"corpus: {out['corpus']}", flush=True)
+    if not args.load:
+        shards = corpus_activations(lm, train, site, max_tokens=args.max_tokens)
+        held_acts = corpus_activations(lm, held, site, max_tokens=args.max_tokens)
+        out["corpus"] = {"texts": len(texts), "train_tokens": shards.n_tokens,
+                         "heldout_tokens": held_acts.n_tokens,
+                         "collect_seconds": round(time.perf_counter() - t0, 1)}
+        print(f"corpus: {out['corpus']}", flush=True)
 
-    saes = {}
-    for w in args.widths:
+    for w in [] if args.load else args.widths:
         cfg = SAEConfig(d_in=d, d_sae=w * d, architecture="topk", k=args.k, site=site,
                         hook_name=hook_name_for_site(site), model_name=lm.info.model_id)
         sae, report = train_sae(shards, cfg, epochs=args.epochs, eval_activations=held_acts)
@@ -103,13 +113,15 @@ def main() -> None:
             configs.append((f"SAS {w}x lam={lam:g}", [Steer(sas, lam)]))
     for s in args.caa:
         configs.append((f"CAA x{s:g}", [Steer(caa, s)]))
-    table = sentiment_sweep(lm, neutral_prompts(), configs, max_new_tokens=args.new_tokens,
-                            verbose=True)
-    out["sentiment"] = table
-    print(f"\nsentiment, block {args.layer}, scope all; SAS features {out['sas_features']}")
-    for r in table:
-        print(f"  {r['config']:24s} VADER {r['vader']:+.3f} shift {r['shift']:+.3f} "
-              f"ppl ratio {r['ppl_ratio']:.2f}")
+    if not args.skip_sentiment:
+        table = sentiment_sweep(lm, neutral_prompts(), configs,
+                                max_new_tokens=args.new_tokens, verbose=True)
+        out["sentiment"] = table
+        print(f"\nsentiment, block {args.layer}, scope all; SAS features "
+              f"{out['sas_features']}")
+        for r in table:
+            print(f"  {r['config']:24s} VADER {r['vader']:+.3f} shift {r['shift']:+.3f} "
+                  f"ppl ratio {r['ppl_ratio']:.2f}")
 
     # behaviour set
     data = load_caa_ab(SHARED / "caa" / args.behaviour / "generate_dataset.json")
@@ -127,6 +139,7 @@ def main() -> None:
             for sign in (1, -1):
                 rows.append({"config": f"SAS {w}x lam={sign * lam:g}", "p_match":
                              ab_match_probability(lm, test_ab, Steer(sas, sign * lam))})
+                print(f"  {rows[-1]['config']:24s} {rows[-1]['p_match']:.3f}", flush=True)
     for s in args.caa:
         for sign in (1, -1):
             rows.append({"config": f"CAA x{sign * s:g}", "p_match":

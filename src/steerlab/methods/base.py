@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from steerlab.errors import SteeringError
+from steerlab.errors import DataError, SteeringError
 from steerlab.models import ModelInfo
 from steerlab.scope import LAST, TokenScope
 from steerlab.sites import Site
@@ -133,3 +133,33 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> floa
         need = "non-negative" if allow_zero else "positive"
         raise SteeringError(f"{name} must be a finite, {need} number, got {value!r}")
     return f
+
+
+def two_class_rows(positive: torch.Tensor, negative: torch.Tensor, method: str, *,
+                   width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate positive (N₊, d) and negative (N₋, d) activations for a two-class estimator:
+    (N, d) tensors, at least 2 rows each, finite, equal widths (``width`` if given), not
+    identical. Returns them detached, float32, on the CPU."""
+    out = []
+    for name, x in (("positive", positive), ("negative", negative)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 2:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DataError(f"the {name} activations must be an (N, d) tensor, got {shape}")
+        if x.shape[0] < 2:
+            raise DataError(
+                f"{method} needs at least 2 {name} activations (one-class or empty data), "
+                f"got {x.shape[0]}"
+            )
+        x = x.detach().to(torch.float32).cpu()
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise DataError(f"the {name} activations have {bad} non-finite values (NaN or inf)")
+        out.append(x)
+    pos, neg = out
+    if pos.shape[1] != neg.shape[1]:
+        raise DataError(f"positive width {pos.shape[1]} != negative width {neg.shape[1]}")
+    if width is not None and pos.shape[1] != width:
+        raise DataError(f"activations have width {pos.shape[1]}, the estimator expects {width}")
+    if pos.shape == neg.shape and torch.equal(pos, neg):
+        raise DataError("the positive and negative activations are identical: one class only")
+    return pos, neg

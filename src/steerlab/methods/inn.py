@@ -69,7 +69,7 @@ from zuko.flows.coupling import GeneralCouplingTransform
 from zuko.transforms import ComposedTransform, Transform
 
 from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import Controller, StepContext, check_positive
+from steerlab.methods.base import Controller, StepContext, check_positive, two_class_rows
 from steerlab.scope import parse_scope
 from steerlab.sites import Site
 
@@ -269,31 +269,12 @@ class LatentFlow(nn.Module):
 
 # -- training ----------------------------------------------------------------------------------
 def _check_rows(positive: torch.Tensor, negative: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    out = []
-    for name, x in (("positive", positive), ("negative", negative)):
-        if not isinstance(x, torch.Tensor) or x.ndim != 2:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise DataError(f"the {name} activations must be an (N, d) tensor, got {shape}")
-        if x.shape[0] < 2:
-            raise DataError(
-                f"INNSteer needs at least 2 {name} activations (one-class or empty data), "
-                f"got {x.shape[0]}"
-            )
-        x = x.detach().to(torch.float32).cpu()
-        if not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).sum())
-            raise DataError(f"the {name} activations have {bad} non-finite values (NaN or inf)")
-        out.append(x)
-    pos, neg = out
-    if pos.shape[1] != neg.shape[1]:
-        raise DataError(f"positive width {pos.shape[1]} != negative width {neg.shape[1]}")
+    pos, neg = two_class_rows(positive, negative, "INNSteer")
     if pos.shape[1] < 2:
         raise DataError(
             f"INNSteer needs activations of width at least 2 (coupling layers split the "
             f"dimensions in two), got {pos.shape[1]}"
         )
-    if pos.shape == neg.shape and torch.equal(pos, neg):
-        raise DataError("the positive and negative activations are identical: one class only")
     return pos, neg
 
 

@@ -64,7 +64,7 @@ import torch
 from torchdiffeq import odeint
 
 from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import Controller, StepContext, check_positive
+from steerlab.methods.base import Controller, StepContext, check_positive, two_class_rows
 from steerlab.scope import parse_scope
 from steerlab.sites import Site
 
@@ -402,7 +402,7 @@ class Barrier:
     def fit(self, positive: torch.Tensor, negative: torch.Tensor, *, classifier: Any = None,
             C: float = 1.0) -> Barrier:
         """Fit on positive (N₊, d) and negative (N₋, d) activations."""
-        pos, neg = _fit_rows(positive, negative, self.in_features)
+        pos, neg = two_class_rows(positive, negative, "ODESteer", width=self.in_features)
         x = torch.cat([pos, neg], dim=0)
         phi = self.features(x).numpy()
         y = np.concatenate([np.ones(pos.shape[0]), np.zeros(neg.shape[0])]).astype(np.int64)
@@ -505,33 +505,6 @@ class Barrier:
         return out
 
 
-def _fit_rows(positive: torch.Tensor, negative: torch.Tensor,
-              width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    out = []
-    for name, x in (("positive", positive), ("negative", negative)):
-        if not isinstance(x, torch.Tensor) or x.ndim != 2:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise DataError(f"the {name} activations must be an (N, d) tensor, got {shape}")
-        if x.shape[0] < 2:
-            raise DataError(
-                f"ODESteer needs at least 2 {name} activations (one-class or empty data), "
-                f"got {x.shape[0]}"
-            )
-        x = x.detach().to(torch.float32).cpu()
-        if not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).sum())
-            raise DataError(f"the {name} activations have {bad} non-finite values (NaN or inf)")
-        out.append(x)
-    pos, neg = out
-    if pos.shape[1] != neg.shape[1]:
-        raise DataError(f"positive width {pos.shape[1]} != negative width {neg.shape[1]}")
-    if width is not None and pos.shape[1] != width:
-        raise DataError(f"activations have width {pos.shape[1]}, the feature map expects {width}")
-    if pos.shape == neg.shape and torch.equal(pos, neg):
-        raise DataError("the positive and negative activations are identical: one class only")
-    return pos, neg
-
-
 # -- integration -------------------------------------------------------------------------------
 def integrate(velocity: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor,
               T: torch.Tensor, *, solver: str = "euler", steps: int = 10,
@@ -622,7 +595,7 @@ class _ODEBase(Controller):
             classifier: Any = None) -> Self:
         """Fit the barrier on positive (N₊, d) and negative (N₋, d) activations at the site."""
         start = time.perf_counter()
-        pos, neg = _fit_rows(positive, negative, None)
+        pos, neg = two_class_rows(positive, negative, "ODESteer")
         fmap = self.make_features(pos.shape[1], torch.cat([pos, neg]))
         barrier = Barrier(fmap).fit(pos, neg, classifier=classifier, C=self.C)
         self._set_barrier(barrier, self.fit_sites())

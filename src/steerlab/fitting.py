@@ -265,11 +265,8 @@ def fit_odesteer(
     controller = controller or ODESteer(layer=lm.info.num_layers // 2)
     layers = find_layers(lm.model)
     site = layers.resolve(controller.fit_sites()[0])
-    start = time.perf_counter()
-    pos, neg = ode_activations(lm, data, site, renderer=renderer, cache=cache,
-                               progress=progress)
-    t_collect = time.perf_counter() - start
-    (pos_tr, pos_te), (neg_tr, neg_te) = _heldout_split(pos, neg, test_fraction, seed)
+    (pos_tr, pos_te), (neg_tr, neg_te), t_collect = _train_test_activations(
+        lm, data, site, test_fraction, seed, renderer=renderer, cache=cache, progress=progress)
     t0 = time.perf_counter()
     controller.fit(pos_tr, neg_tr)
     t_fit = time.perf_counter() - t0
@@ -313,11 +310,8 @@ def fit_innsteer(
     controller = controller or INNSteer(layer=lm.info.num_layers // 2)
     layers = find_layers(lm.model)
     site = layers.resolve(controller.fit_sites()[0])
-    start = time.perf_counter()
-    pos, neg = ode_activations(lm, data, site, renderer=renderer, cache=cache,
-                               progress=progress)
-    t_collect = time.perf_counter() - start
-    (pos_tr, pos_te), (neg_tr, neg_te) = _heldout_split(pos, neg, test_fraction, seed)
+    (pos_tr, pos_te), (neg_tr, neg_te), t_collect = _train_test_activations(
+        lm, data, site, test_fraction, seed, renderer=renderer, cache=cache, progress=progress)
     t0 = time.perf_counter()
     controller.fit(pos_tr, neg_tr, progress=progress)
     t_fit = time.perf_counter() - t0
@@ -342,18 +336,27 @@ def fit_innsteer(
     return controller
 
 
-def _heldout_split(
-    pos: torch.Tensor, neg: torch.Tensor, test_fraction: float, seed: int
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Seeded (train, test) splits of each class; no test rows for classes under 5 rows."""
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def _train_test_activations(
+    lm: LoadedModel, data: ContrastiveSet | LabeledSet, site: Site, test_fraction: float,
+    seed: int, *, renderer: Renderer | None, cache: bool, progress: bool,
+) -> tuple[Pair, Pair, float]:
+    """Last-token activations of each class (:func:`ode_activations`), split into seeded
+    (train, test) parts (no test rows for classes under 5 rows); and the collection time."""
+    start = time.perf_counter()
+    pos, neg = ode_activations(lm, data, site, renderer=renderer, cache=cache,
+                               progress=progress)
+    t_collect = time.perf_counter() - start
     g = torch.Generator().manual_seed(seed)
 
-    def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(x: torch.Tensor) -> Pair:
         idx = torch.randperm(x.shape[0], generator=g)
         n_test = round(x.shape[0] * test_fraction) if x.shape[0] >= 5 else 0
         return x[idx[n_test:]], x[idx[:n_test]]
 
-    return split(pos), split(neg)
+    return split(pos), split(neg), t_collect
 
 
 def fit_sas(

@@ -115,6 +115,31 @@ def test_fit_other_methods(folder: Path, data: Path, tmp_path: Path, method: str
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.parametrize("method", ["iti", "repe", "probe", "mean_act", "linear_act", "mimic",
+                                    "angular"])
+def test_fit_baselines(folder: Path, data: Path, tmp_path: Path, method: str) -> None:
+    art = tmp_path / f"{method}.safetensors"
+    extra = ["--top-k", "3"] if method == "iti" else []
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", method, "--data",
+                            str(data), "--layers", "1", "--recipe", "last", "--out", str(art),
+                            *extra])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["inspect", str(art)])
+    assert r.exit_code == 0 and method in r.output, r.output
+    r = runner.invoke(app, ["generate", "hello", "--model", str(folder), "--steer", str(art),
+                            "--strength", "2", "--max-new-tokens", "3"])
+    assert r.exit_code == 0, r.output
+
+
+def test_fit_iti_with_too_many_heads_fails_clearly(folder: Path, data: Path,
+                                                   tmp_path: Path) -> None:
+    art = tmp_path / "iti.safetensors"
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", "iti", "--data",
+                            str(data), "--top-k", "999", "--out", str(art)])
+    assert r.exit_code == 2, r.output
+    assert "999" in r.output and not art.exists()
+
+
 def test_fit_on_one_class_data_fails_and_writes_nothing(folder: Path, tmp_path: Path) -> None:
     path = tmp_path / "same.jsonl"
     row = {"prompt": "How was it?", "positive": "Fine.", "negative": "Fine."}

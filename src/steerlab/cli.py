@@ -99,12 +99,55 @@ def demo(
         _fail(exc)
 
 
+BASELINES = ("iti", "repe", "probe", "mean_act", "linear_act", "mimic", "angular")
+
+
+def _fit_baseline(lm: Any, method: str, data: str, limit: int, layer_list: list[int],
+                  recipe: str, scope: str, **opts: Any) -> Any:
+    """Fit one of the issue-7 baselines (ITI, RepE, probe, Mean-/Linear-AcT, MiMiC, angular)."""
+    from steerlab.data import ContrastiveSet, LabeledSet, load_dataset, sentiment_pairs
+    from steerlab.fitting import fit_angular, fit_contrastive, fit_iti
+    from steerlab.methods import (
+        ITI,
+        AngularSteering,
+        LinearAcT,
+        MeanAcT,
+        MiMiC,
+        ProbeDirection,
+        RepE,
+    )
+
+    dataset: ContrastiveSet | LabeledSet = (sentiment_pairs() if data == "sentiment"
+                                            else load_dataset(data))
+    if limit:
+        dataset = dataset[:limit]
+    if isinstance(dataset, LabeledSet):
+        if method in ("repe", "angular"):
+            raise SteerlabError(f"{data} is a labelled set; {method} needs contrastive pairs")
+        recipe = "last"
+    kw: dict[str, Any] = {"recipe": recipe, "scope": scope}
+    if method == "iti":
+        return fit_iti(lm, dataset, ITI(top_k=opts["top_k"], alpha=opts["alpha"], **kw))
+    if method == "angular":
+        return fit_angular(lm, dataset, AngularSteering(
+            layers=layer_list, angle=opts["angle"], adaptive=opts["adaptive"], **kw))
+    make = {
+        "repe": lambda: RepE(layers=layer_list, variant=opts["variant"], **kw),
+        "probe": lambda: ProbeDirection(layers=layer_list, **kw),
+        "mean_act": lambda: MeanAcT(layers=layer_list, **kw),
+        "linear_act": lambda: LinearAcT(layers=layer_list, **kw),
+        "mimic": lambda: MiMiC(layers=layer_list, reg=opts["reg"], **kw),
+    }
+    return fit_contrastive(lm, dataset, make[method]())
+
+
 @app.command()
 def fit(
     out: Annotated[Path, typer.Option("--out", "-o", help="artifact path (.safetensors)")],
     model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
     method: Annotated[str, typer.Option(help="caa, actadd, alqr, alqr_plus, spid, actadd_lfs, "
-                                         "odesteer, step_odesteer, innsteer, sas")] = (
+                                         "odesteer, step_odesteer, innsteer, sas, iti, repe, "
+                                         "probe, mean_act, linear_act, mimic, angular")] = (
         "caa"
     ),
     data: Annotated[str, typer.Option(help="'sentiment' (built in) or a dataset path")] = (
@@ -126,9 +169,19 @@ def fit(
     sae: Annotated[str | None, typer.Option(help="SAS: SAELens folder of the SAE")] = None,
     tau: Annotated[float, typer.Option(help="SAS: frequency threshold τ in [0, 1]")] = 0.1,
     embed_sae: Annotated[bool, typer.Option(help="SAS: embed the SAE in the artifact")] = True,
+    top_k: Annotated[int | None, typer.Option(help="ITI: heads to steer (default 48, "
+                                                   "capped by the model's head count)")] = None,
+    alpha: Annotated[float, typer.Option(help="ITI: α, the shift in head-output stds")] = 15.0,
+    variant: Annotated[str, typer.Option(help="RepE: pca_diff or pca_center")] = "pca_diff",
+    angle: Annotated[float, typer.Option(help="angular: target angle (degrees from the "
+                                              "feature direction)")] = 0.0,
+    adaptive: Annotated[bool, typer.Option(help="angular: adaptive angular steering")] = False,
+    reg: Annotated[float, typer.Option(help="MiMiC: covariance regularisation")] = 1e-2,
 ) -> None:
     """Fit a controller (caa, actadd, alqr, alqr_plus, spid, actadd_lfs, odesteer,
-    step_odesteer, innsteer, sas) and save it as an artifact."""
+    step_odesteer, innsteer, sas, iti, repe, probe, mean_act, linear_act, mimic, angular) and
+    save it as an artifact. Methods that read class activations (odesteer, innsteer, iti,
+    probe, the AcT maps, mimic) also take a labelled set (read at the last token)."""
     try:
         from steerlab import artifacts
         from steerlab.data import ContrastiveSet, load_dataset, sentiment_pairs
@@ -204,10 +257,15 @@ def fit(
             controller = fit_sas(lm, dataset, SAS(
                 layer=layer_list[0], sae=sae, tau=tau, recipe=recipe,  # type: ignore[arg-type]
                 embed_sae=embed_sae, scope=scope))
+        elif method in BASELINES:
+            controller = _fit_baseline(lm, method, data, limit, layer_list, recipe, scope,
+                                       top_k=top_k, alpha=alpha, variant=variant, angle=angle,
+                                       adaptive=adaptive, reg=reg)
         else:
             raise SteerlabError(
                 f"unknown method {method!r}; use caa, actadd, alqr, alqr_plus, spid, "
-                f"actadd_lfs, odesteer, step_odesteer, innsteer or sas"
+                f"actadd_lfs, odesteer, step_odesteer, innsteer, sas, "
+                f"{', '.join(BASELINES)}"
             )
         path = artifacts.save(controller, out)
         console.print(f"[green]saved[/] {path}")

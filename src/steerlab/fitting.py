@@ -15,7 +15,7 @@ import torch
 
 from steerlab.activations import Position, Sample, collect, token_activations
 from steerlab.data import ContrastiveSet, LabeledSet, Renderer
-from steerlab.errors import DataError
+from steerlab.errors import DataError, SiteError
 from steerlab.methods.actadd import ActAdd
 from steerlab.methods.alqr import ALQR, SPID, ActAddLFS
 from steerlab.methods.caa import CAA
@@ -23,7 +23,9 @@ from steerlab.models import LoadedModel
 from steerlab.sites import Site, find_layers
 
 if TYPE_CHECKING:
+    from steerlab.methods.angular import AngularSteering
     from steerlab.methods.inn import INNSteer
+    from steerlab.methods.iti import ITI
     from steerlab.methods.ode import ODESteer, StepODESteer
     from steerlab.methods.sas import SAS
 
@@ -390,4 +392,159 @@ def fit_sas(
     controller.model_info = lm.info
     controller.data_fingerprint = data.fingerprint()
     controller.fit_info.update(data=data.name, collect_seconds=round(t_collect, 3))
+    return controller
+
+
+def class_activations(
+    lm: LoadedModel,
+    data: ContrastiveSet | LabeledSet,
+    sites: Sequence[Site],
+    recipe: str = "last",
+    *,
+    renderer: Renderer | None = None,
+    batch_size: int = 16,
+    cache: bool = True,
+    progress: bool = True,
+) -> tuple[dict[Site, torch.Tensor], dict[Site, torch.Tensor], str]:
+    """Activations at ``sites`` of the positive and the negative class, and the position read.
+
+    A contrastive set gives prompt + positive / prompt + negative completion (rendered with
+    the chat template), read at ``recipe``'s position (rows stay paired); a labelled set gives
+    its texts as they are (label 1 positive, 0 negative), read at the last token (``recipe``
+    must then be ``"last"``).
+    """
+    if recipe not in _RECIPE_POSITION:
+        raise DataError(f"unknown recipe {recipe!r}; use ab, last or mean")
+    kw: dict[str, Any] = {}
+    if isinstance(data, LabeledSet):
+        data.validate()
+        if recipe != "last":
+            raise DataError(f"a labelled set has no prompt/completion split, so recipe "
+                            f"{recipe!r} cannot be read on it; use recipe 'last'")
+        pos_s: list[Sample | str] = [t.text for t in data if t.label == 1]
+        neg_s: list[Sample | str] = [t.text for t in data if t.label == 0]
+        kw["rendered"] = False
+    else:
+        data.validate(min_size=1)
+        p, n = contrastive_samples(data, renderer or Renderer(lm.tokenizer))
+        pos_s, neg_s = list(p), list(n)
+    position = _RECIPE_POSITION[recipe]
+    pos = collect(lm, pos_s, list(sites), position, batch_size=batch_size, cache=cache,
+                  progress=progress, desc="positive activations", **kw)
+    neg = collect(lm, neg_s, list(sites), position, batch_size=batch_size, cache=cache,
+                  progress=progress, desc="negative activations", **kw)
+    return pos, neg, str(position)
+
+
+def fit_contrastive(
+    lm: LoadedModel,
+    data: ContrastiveSet | LabeledSet,
+    controller: Any,
+    *,
+    renderer: Renderer | None = None,
+    batch_size: int = 16,
+    cache: bool = True,
+    progress: bool = True,
+) -> Any:
+    """Fit any controller whose ``fit(positive, negative)`` takes per-site class activations
+    read at its ``recipe``'s position: RepE, probe directions, Mean-/Linear-AcT, MiMiC (and
+    CAA, which :func:`fit_caa` also does). Records collection and estimator times."""
+    layers = find_layers(lm.model)
+    sites = [layers.resolve(s) for s in controller.fit_sites()]
+    if hasattr(controller, "layers"):
+        controller.layers = [s.layer for s in sites]
+    start = time.perf_counter()
+    pos, neg, position = class_activations(lm, data, sites, controller.recipe,
+                                           renderer=renderer, batch_size=batch_size,
+                                           cache=cache, progress=progress)
+    t_collect = time.perf_counter() - start
+    t0 = time.perf_counter()
+    controller.fit(pos, neg)
+    t_fit = time.perf_counter() - t0
+    controller.model_info = lm.info
+    controller.data_fingerprint = data.fingerprint()
+    controller.fit_info.update(
+        data=data.name,
+        position=position,
+        collect_seconds=round(t_collect, 3),
+        estimator_seconds=round(t_fit, 3),
+        fit_seconds=round(t_collect + t_fit, 3),
+    )
+    return controller
+
+
+def fit_iti(
+    lm: LoadedModel,
+    data: ContrastiveSet | LabeledSet,
+    controller: ITI | None = None,
+    *,
+    renderer: Renderer | None = None,
+    batch_size: int = 16,
+    cache: bool = True,
+    progress: bool = True,
+) -> ITI:
+    """Fit ITI: per-head attention outputs (``heads.L``, before the output projection) of
+    every chosen layer (all layers when ``layers`` is None), one probe per head, top-K heads.
+
+    Raises :class:`~steerlab.errors.SiteError` for a model whose attention output projection
+    cannot be found or does not take the concatenated heads.
+    """
+    from steerlab.methods.iti import ITI
+
+    controller = controller or ITI()
+    layers = find_layers(lm.model)
+    if controller.layers is None:
+        controller.layers = list(range(lm.info.num_layers))
+    sites = [layers.resolve(s) for s in controller.fit_sites()]  # SiteError: no heads
+    if layers.head_dim is None:
+        raise SiteError(f"{lm.info.model_id}: the head width is unknown, so ITI cannot "
+                        f"address single heads")
+    controller.layers = [s.layer for s in sites]
+    start = time.perf_counter()
+    pos, neg, position = class_activations(lm, data, sites, controller.recipe,
+                                           renderer=renderer, batch_size=batch_size,
+                                           cache=cache, progress=progress)
+    t_collect = time.perf_counter() - start
+    t0 = time.perf_counter()
+    controller.fit(pos, neg, head_dim=layers.head_dim)
+    t_fit = time.perf_counter() - t0
+    controller.model_info = lm.info
+    controller.data_fingerprint = data.fingerprint()
+    controller.fit_info.update(
+        data=data.name, position=position, collect_seconds=round(t_collect, 3),
+        estimator_seconds=round(t_fit, 3), fit_seconds=round(t_collect + t_fit, 3))
+    return controller
+
+
+def fit_angular(
+    lm: LoadedModel,
+    data: ContrastiveSet | LabeledSet,
+    controller: AngularSteering,
+    *,
+    renderer: Renderer | None = None,
+    batch_size: int = 16,
+    cache: bool = True,
+    progress: bool = True,
+) -> AngularSteering:
+    """Fit angular steering: the feature direction at the controller's sites, and the plane's
+    second axis from the mean differences of every layer (read in the same pass)."""
+    layers = find_layers(lm.model)
+    sites = [layers.resolve(s) for s in controller.fit_sites()]
+    controller.layers = [s.layer for s in sites]
+    kind = sites[0].kind
+    all_sites = [Site(kind, i) for i in range(lm.info.num_layers)]
+    start = time.perf_counter()
+    pos, neg, position = class_activations(lm, data, all_sites, controller.recipe,
+                                           renderer=renderer, batch_size=batch_size,
+                                           cache=cache, progress=progress)
+    t_collect = time.perf_counter() - start
+    contrast = torch.stack([pos[s].mean(0) - neg[s].mean(0) for s in all_sites])
+    t0 = time.perf_counter()
+    controller.fit({s: pos[s] for s in sites}, {s: neg[s] for s in sites}, contrast=contrast)
+    t_fit = time.perf_counter() - t0
+    controller.model_info = lm.info
+    controller.data_fingerprint = data.fingerprint()
+    controller.fit_info.update(
+        data=data.name, position=position, collect_seconds=round(t_collect, 3),
+        estimator_seconds=round(t_fit, 3), fit_seconds=round(t_collect + t_fit, 3))
     return controller

@@ -113,3 +113,46 @@ def sentiment_sweep(
         if verbose:
             print(f"  {name:36s} VADER {s:+.3f} shift {s - s0:+.3f} ppl ratio {ppl / ppl0:.2f}")
     return rows
+
+
+def next_token_kl(
+    lm: LoadedModel,
+    texts: Sequence[str],
+    steers: Steer | Sequence[Steer] | None,
+    *,
+    batch_size: int = 8,
+    render: bool = False,
+) -> float:
+    """Mean KL(p_unsteered ‖ p_steered) of the next-token distributions over every real token
+    position of ``texts`` (a fluency cost that needs no generation: 0 when steering changes
+    nothing). Texts are read as they are unless ``render`` applies the chat template to them
+    as user prompts. Batched with right padding (positions after a row's end are ignored)."""
+    from steerlab.runtime import steering
+
+    if not texts:
+        raise DataError("give at least one text")
+    tok = lm.tokenizer
+    renderer = Renderer(tok)
+    rows = [renderer.prompt(t) for t in texts] if render else list(texts)
+    add_special = not (render and renderer.mode == "chat")
+    old_side = tok.padding_side
+    tok.padding_side = "right"
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(rows), batch_size):
+            enc = tok(rows[start:start + batch_size], add_special_tokens=add_special,
+                      padding=True, return_tensors="pt")
+            ids = enc["input_ids"].to(lm.device)
+            mask = enc["attention_mask"].to(lm.device)
+            with torch.no_grad():
+                base = lm.model(input_ids=ids, attention_mask=mask).logits.float()
+                with steering(lm, steers):
+                    steered = lm.model(input_ids=ids, attention_mask=mask).logits.float()
+            lp, lq = torch.log_softmax(base, -1), torch.log_softmax(steered, -1)
+            kl = (lp.exp() * (lp - lq)).sum(-1)
+            sel = mask.bool()
+            total += float(kl[sel].sum())
+            count += int(sel.sum())
+    finally:
+        tok.padding_side = old_side
+    return total / count

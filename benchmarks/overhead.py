@@ -11,11 +11,14 @@ Configurations, each at every batch size:
   T = 10, scope ``last``); ``stepodesteer``: its one-step ablation.
 * ``sas``: SAS with each ``--sae`` (TopK SAE; encode, add λv in feature space, decode the
   difference) at λ = 4, scope ``last`` and scope ``all``.
+* ``baselines`` (issue 7): ITI (top 48 heads by probe accuracy, α = 15, strength 1); RepE,
+  probe direction and Mean-AcT on the middle block at strength 4; Linear-AcT (strength 2)
+  and MiMiC (gated, strength 1) on the middle block; angular steering (full rotation).
 * ``innsteer``: INNSteer on one block (φ, latent shift, φ⁻¹ through 4 coupling layers of
   width 512) at λ = 2, scope ``last`` and scope ``all``.
 
 Targets: CAA >= 0.95 (issue 2), A-LQR >= 0.9 (issue 3), ODESteer >= 0.9 (issue 4),
-INNSteer >= 0.9 (issue 5), SAS >= 0.9 (issue 6).
+INNSteer >= 0.9 (issue 5), SAS >= 0.9 (issue 6); the baselines are reported against 0.9.
 
 The CAA vectors are fitted with :func:`steerlab.fitting.fit_caa` on the built-in sentiment
 pairs (activations cached in ``$STEERLAB_CACHE``), so they have realistic norms. Every call
@@ -62,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--methods", nargs="+", default=["caa", "alqr", "ode", "inn"],
-                   choices=["caa", "alqr", "ode", "inn", "sas"],
+                   choices=["caa", "alqr", "ode", "inn", "sas", "baselines"],
                    help="method families to time against unsteered")
     p.add_argument("--sae", nargs="+", default=[],
                    help="SAS: SAELens folder(s) of SAEs on the middle-ish block (sas_eval.py "
@@ -85,10 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # Targets per method family (issue 2: CAA >= 0.95; issue 3: closed-loop A-LQR >= 0.9).
-TARGETS = {"caa": 0.95, "alqr": 0.9, "ode": 0.9, "inn": 0.9, "sas": 0.9}
+TARGETS = {"caa": 0.95, "alqr": 0.9, "ode": 0.9, "inn": 0.9, "sas": 0.9, "baselines": 0.9}
+BASELINE_PREFIXES = ("iti", "repe", "probe", "mean_act", "linear_act", "mimic", "angular")
 
 
 def target_of(name: str) -> float:
+    if name.startswith(BASELINE_PREFIXES):
+        return TARGETS["baselines"]
     for family in ("alqr", "ode", "inn", "sas"):
         if name.startswith(family) or name.startswith(f"step{family}"):
             return TARGETS[family]
@@ -130,6 +136,28 @@ def fit_controllers(lm: LoadedModel, methods: list[str],
         inn = fit_innsteer(lm, data, INNSteer(layer=layer), progress=False)
         configs[f"innsteer (L{layer}, scope last)"] = [Steer(inn, 2.0)]
         configs[f"innsteer (L{layer}, scope all)"] = [Steer(inn, 2.0, scope="all")]
+    if "baselines" in methods:
+        from steerlab.fitting import fit_angular, fit_contrastive, fit_iti
+        from steerlab.methods import (
+            ITI,
+            AngularSteering,
+            LinearAcT,
+            MeanAcT,
+            MiMiC,
+            ProbeDirection,
+            RepE,
+        )
+
+        layer = n // 2
+        iti = fit_iti(lm, data, ITI(), progress=False)
+        configs[f"iti ({len(iti.selected_heads)} heads on {len(iti.sites)} blocks)"] = [
+            Steer(iti, 1.0)]
+        for cls, strength in ((RepE, 4.0), (ProbeDirection, 4.0), (MeanAcT, 4.0),
+                              (LinearAcT, 2.0), (MiMiC, 1.0)):
+            c = fit_contrastive(lm, data, cls(layers=layer), progress=False)
+            configs[f"{c.method} (L{layer})"] = [Steer(c, strength)]
+        ang = fit_angular(lm, data, AngularSteering(layers=layer), progress=False)
+        configs[f"angular (L{layer})"] = [Steer(ang, 1.0)]
     if "sas" in methods:
         from steerlab.fitting import fit_sas
         from steerlab.methods.sas import SAS

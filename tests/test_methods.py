@@ -74,8 +74,14 @@ def test_caa_bad_input() -> None:
     x = torch.randn(3, 8)
     with pytest.raises(DataError, match="one class"):
         CAA(layers=0).fit({site: x}, {site: x.clone()})
-    with pytest.raises(DataError, match="paired"):
-        CAA(layers=0).fit({site: x}, {site: torch.randn(2, 8)})
+    with pytest.raises(DataError, match="equal width"):
+        CAA(layers=0).fit({site: x}, {site: torch.randn(2, 7)})
+    with pytest.raises(DataError, match="at least one"):
+        CAA(layers=0).fit({site: x}, {site: torch.randn(0, 8)})
+    # unpaired rows (a labelled set): the difference of the class means
+    y = torch.randn(5, 8)
+    v = CAA(layers=0).fit({site: x}, {site: y}).vectors[site]
+    torch.testing.assert_close(v, x.mean(0) - y.mean(0))
     bad = x.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(SteeringError, match="non-finite"):

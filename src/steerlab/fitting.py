@@ -51,7 +51,7 @@ def contrastive_samples(
 
 def fit_caa(
     lm: LoadedModel,
-    data: ContrastiveSet,
+    data: ContrastiveSet | LabeledSet,
     controller: CAA | None = None,
     *,
     renderer: Renderer | None = None,
@@ -59,20 +59,19 @@ def fit_caa(
     cache: bool = True,
     progress: bool = True,
 ) -> CAA:
-    """Fit a CAA controller on a contrastive set (collects activations, then ``fit``)."""
+    """Fit a CAA controller on a contrastive set (collects activations, then ``fit``); a
+    labelled set gives mean(positive) − mean(negative) of its texts' last tokens."""
     controller = controller or CAA(layers=lm.info.num_layers // 2)
-    data.validate(min_size=1)
+    if isinstance(data, LabeledSet):
+        controller.recipe = "last"
     renderer = renderer or Renderer(lm.tokenizer)
     layers = find_layers(lm.model)
     sites = [layers.resolve(s) for s in controller.fit_sites()]
     controller.layers = [s.layer for s in sites]
     start = time.perf_counter()
-    pos_s, neg_s = contrastive_samples(data, renderer)
-    position = _RECIPE_POSITION[controller.recipe]
-    pos = collect(lm, pos_s, sites, position, batch_size=batch_size, cache=cache,
-                  progress=progress, desc="positive activations")
-    neg = collect(lm, neg_s, sites, position, batch_size=batch_size, cache=cache,
-                  progress=progress, desc="negative activations")
+    pos, neg, position = class_activations(lm, data, sites, controller.recipe,
+                                           renderer=renderer, batch_size=batch_size,
+                                           cache=cache, progress=progress)
     controller.fit(pos, neg)
     controller.model_info = lm.info
     controller.data_fingerprint = data.fingerprint()
@@ -80,7 +79,7 @@ def fit_caa(
         data=data.name,
         fit_seconds=round(time.perf_counter() - start, 3),
         render_mode=renderer.mode,
-        position=str(position),
+        position=position,
     )
     return controller
 
@@ -548,3 +547,66 @@ def fit_angular(
         data=data.name, position=position, collect_seconds=round(t_collect, 3),
         estimator_seconds=round(t_fit, 3), fit_seconds=round(t_collect + t_fit, 3))
     return controller
+
+
+def _fitter(method: str) -> Any:
+    """The fitting function of a method (the generic one unless the method needs its own)."""
+    table: dict[str, Any] = {
+        "caa": fit_caa, "actadd": lambda lm, data, c, **kw: fit_actadd(lm, c),  # its own prompts
+        "alqr": fit_alqr, "alqr_plus": fit_alqr, "spid": fit_lfs_baseline,
+        "actadd_lfs": fit_lfs_baseline, "odesteer": fit_odesteer,
+        "step_odesteer": fit_odesteer, "innsteer": fit_innsteer, "sas": fit_sas,
+        "iti": fit_iti, "angular": fit_angular,
+    }
+    return table.get(method, fit_contrastive)
+
+
+def build_controller(method: str, lm: LoadedModel, *, layer: int | None = None,
+                     recipe: str | None = None, scope: str | None = None,
+                     **hyperparameters: Any) -> Any:
+    """Construct ``METHODS[method]`` with the hyper-parameters its constructor takes: the
+    block goes to ``layer`` or ``layers`` (whichever it has; a negative index counts from
+    the end), ``recipe`` and ``scope`` where accepted. Unknown hyper-parameters raise."""
+    import inspect
+
+    from steerlab.errors import SteeringError
+    from steerlab.methods import METHODS
+
+    if method not in METHODS:
+        raise SteeringError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
+    cls = METHODS[method]
+    params = inspect.signature(cls.__init__).parameters
+    kw: dict[str, Any] = {}
+    if layer is not None:
+        layer = layer + lm.info.num_layers if layer < 0 else layer
+        if "layers" in params:
+            kw["layers"] = layer
+        elif "layer" in params:
+            kw["layer"] = layer
+    for name, value in (("recipe", recipe), ("scope", scope)):
+        if value is not None and name in params:
+            kw[name] = value
+    unknown = [k for k in hyperparameters if k not in params]
+    if unknown:
+        raise SteeringError(f"{method} takes no hyper-parameter {', '.join(unknown)}; it "
+                            f"takes {', '.join(p for p in params if p != 'self')}")
+    return cls(**kw, **hyperparameters)
+
+
+def fit_method(lm: LoadedModel, method: str, data: ContrastiveSet | LabeledSet, *,
+               layer: int | None = None, recipe: str | None = None,
+               scope: str | None = None, cache: bool = True, progress: bool = False,
+               **hyperparameters: Any) -> Any:
+    """Fit any registered method by name: build it (:func:`build_controller`) and run its
+    fitting function (the generic :func:`fit_contrastive` unless the method has its own).
+    A method added to ``steerlab.methods.METHODS`` whose ``fit(positive, negative)`` takes
+    per-site class activations needs nothing more to be fitted here, by the CLI and by the
+    evaluation harness."""
+    controller = build_controller(method, lm, layer=layer, recipe=recipe, scope=scope,
+                                  **hyperparameters)
+    fitter = _fitter(method)
+    start = time.perf_counter()
+    kw: dict[str, Any] = {"progress": progress, "cache": cache}
+    fitted = fitter(lm, data, controller, **kw)
+    fitted.fit_info.setdefault("fit_seconds", round(time.perf_counter() - start, 3))
+    return fitted

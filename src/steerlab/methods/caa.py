@@ -132,20 +132,21 @@ class CAA(AdditiveController):
     def fit(
         self, positive: dict[Site, torch.Tensor], negative: dict[Site, torch.Tensor]
     ) -> CAA:
-        """Learn v = mean(a⁺ − a⁻) per site from paired activations ``(N, d)``."""
+        """Learn v = mean(a⁺) − mean(a⁻) per site from ``(N₊, d)`` and ``(N₋, d)`` activations
+        (for paired rows, N₊ = N₋, this is mean(a⁺ − a⁻), the paper's form)."""
         vectors: dict[Site, torch.Tensor] = {}
         for site in positive:
             pos, neg = positive[site].to(torch.float32), negative[site].to(torch.float32)
-            if pos.ndim != 2 or pos.shape != neg.shape:
+            if pos.ndim != 2 or neg.ndim != 2 or pos.shape[1] != neg.shape[1]:
                 raise DataError(
-                    f"CAA needs paired (N, d) activations at {site}; got {tuple(pos.shape)} "
-                    f"and {tuple(neg.shape)}"
+                    f"CAA needs (N, d) activations of equal width at {site}; got "
+                    f"{tuple(pos.shape)} and {tuple(neg.shape)}"
                 )
-            if pos.shape[0] < 1:
-                raise DataError("CAA needs at least one contrastive pair")
+            if pos.shape[0] < 1 or neg.shape[0] < 1:
+                raise DataError("CAA needs at least one positive and one negative example")
             check_finite(f"activations at {site}", pos)
             check_finite(f"activations at {site}", neg)
-            v = (pos - neg).mean(dim=0)
+            v = pos.mean(dim=0) - neg.mean(dim=0)
             if float(v.norm()) == 0.0:
                 raise DataError(
                     f"the positive and negative activations at {site} are identical: the data "
@@ -157,6 +158,7 @@ class CAA(AdditiveController):
         self.set_vectors(vectors)
         self.fit_info.update(
             n_pairs=int(next(iter(positive.values())).shape[0]),
+            n_negative=int(next(iter(negative.values())).shape[0]),
             vector_norms={str(s): round(float(v.norm()), 4) for s, v in vectors.items()},
         )
         return self

@@ -1,0 +1,50 @@
+"""fit_method: every registered method fitted by name (the harness and the CLI rely on it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerlab.data import ContrastivePair, ContrastiveSet
+from steerlab.errors import SteeringError
+from steerlab.fitting import build_controller, fit_method
+from steerlab.methods import METHODS
+from steerlab.runtime import Steer, generate
+from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+PAIRS = ContrastiveSet([
+    ContrastivePair(f"Tell me about day {i}.", f"It was wonderful and happy {i}.",
+                    f"It was awful and sad {i}.") for i in range(8)
+], name="tiny-sentiment")
+
+# Methods whose fitting needs more than a contrastive set (an SAE; ActAdd's own prompts fit
+# too, but read no data) are checked by their own tests.
+SKIP = {"sas"}
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - SKIP))
+def test_every_method_fits_by_name_and_steers(method: str) -> None:
+    lm = tiny_model("llama", chat=True)
+    hp = {"epochs": 3, "warmup_epochs": 1} if method == "innsteer" else {}
+    if method == "iti":
+        hp = {"top_k": 2}
+    c = fit_method(lm, method, PAIRS, layer=-1, recipe="mean", scope="all", **hp)
+    assert c.is_fitted and c.model_info == lm.info
+    assert "fit_seconds" in c.fit_info
+    out = generate(lm, ["Hello there"], steers=Steer(c, 1.0), max_new_tokens=3)
+    assert len(out) == 1
+
+
+def test_build_controller_maps_layer_and_rejects_unknown_hyperparameters() -> None:
+    lm = tiny_model("llama", chat=True)
+    assert build_controller("caa", lm, layer=-1).layers == [lm.info.num_layers - 1]
+    assert build_controller("odesteer", lm, layer=0).layer == 0
+    with pytest.raises(SteeringError, match="no hyper-parameter bogus"):
+        build_controller("caa", lm, layer=0, bogus=1)
+    with pytest.raises(SteeringError, match="unknown method"):
+        build_controller("nope", lm)
+    probe = fit_method(lm, "probe", PAIRS, layer=0)
+    assert [str(s) for s in probe.sites] == ["resid_post.0"]
+    assert all(torch.isfinite(v).all() for v in probe.vectors.values())

@@ -506,3 +506,15 @@ def main() -> None:  # pragma: no cover - console entry point
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+from steerlab.cli_eval import (  # noqa: E402
+    calibrate_command,
+    compare_command,
+    eval_command,
+    sweep_command,
+)
+
+app.command("eval")(eval_command)
+app.command("sweep")(sweep_command)
+app.command("compare")(compare_command)
+app.command("calibrate")(calibrate_command)

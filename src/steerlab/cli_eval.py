@@ -128,6 +128,8 @@ def sweep_command(
     resume: Annotated[bool, typer.Option(help="skip finished cells of an earlier run")] = True,
     retry_failed: Annotated[bool, typer.Option(help="re-run failed cells")] = False,
     budget: Annotated[float | None, typer.Option(help="KL budget of the report")] = None,
+    capability: Annotated[list[str] | None, typer.Option(
+        help="capability task (mmlu_ab) scored under each task's steering (repeat)")] = None,
 ) -> None:
     """Sweep methods x layers x strengths on tasks; results.jsonl + a report in OUT.
 
@@ -137,10 +139,14 @@ def sweep_command(
         from steerlab.evals.report import write_report
         from steerlab.evals.sweep import SweepSpec, run_sweep
 
+        from steerlab.evals.tasks import CapabilityUnder
+
         lm = _load(model)
+        tasks = _tasks(task, lm, n_train, n_test, max_new_tokens)
+        caps = _tasks(capability or [], lm, n_train, n_test, max_new_tokens)
+        tasks += [CapabilityUnder(c, t) for t in list(tasks) for c in caps]
         spec = SweepSpec(methods=list(method), layers=list(layer), strengths=list(strength),
-                         tasks=_tasks(task, lm, n_train, n_test, max_new_tokens), scope=scope,
-                         hyperparameters=_parse_hp(hp))
+                         tasks=tasks, scope=scope, hyperparameters=_parse_hp(hp))
         res = run_sweep(lm, spec, out, resume=resume, retry_failed=retry_failed)
         report = write_report(res, out, budget=budget)
         console.print(f"{res.stats}")

@@ -334,7 +334,7 @@ def fit_key(lm: LoadedModel, method: str, layer: int, hyperparameters: dict[str,
     """Hash naming a cached fit: everything the fitted controller depends on."""
     return _sha({
         "model": lm.info.model_id, "method": method, "layer": int(layer),
-        "hyperparameters": hyperparameters, "task": task.name, "fold": int(fold),
+        "hyperparameters": hyperparameters, "task": task.fit_name(), "fold": int(fold),
         "data": fingerprint, "recipe": task.recipe, "scope": scope,
     })[:32]
 

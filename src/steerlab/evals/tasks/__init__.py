@@ -21,6 +21,7 @@ from typing import Any
 from steerlab.errors import DataError
 from steerlab.evals.tasks.ab import BEHAVIOURS, BehaviourAB, MMLUCapability
 from steerlab.evals.tasks.base import Task, TaskResult
+from steerlab.evals.tasks.capability import CapabilityUnder
 from steerlab.evals.tasks.generation import (
     Concept,
     GenerationTask,
@@ -88,6 +89,7 @@ __all__ = [
     "BEHAVIOURS",
     "TASKS",
     "BehaviourAB",
+    "CapabilityUnder",
     "Concept",
     "GenerationTask",
     "MMLUCapability",

@@ -60,6 +60,11 @@ class Task(ABC):
                  fold: int = 0) -> TaskResult:
         """Score the test part of ``fold`` under ``steers`` (``None``: unsteered)."""
 
+    def fit_name(self) -> str:
+        """The name fitted controllers are cached under (tasks that share fitting data, such
+        as a capability task scored under a behaviour task's steering, share fits)."""
+        return self.name
+
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable description (name, kind, sizes, data path, seed)."""
         return {"name": self.name, "kind": self.kind, "primary": self.primary,

@@ -138,7 +138,6 @@ def sweep_command(
     try:
         from steerlab.evals.report import write_report
         from steerlab.evals.sweep import SweepSpec, run_sweep
-
         from steerlab.evals.tasks import CapabilityUnder
 
         lm = _load(model)

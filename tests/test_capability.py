@@ -31,3 +31,18 @@ def test_capability_scored_under_behaviour_fits(tmp_path: Path) -> None:
     assert base == pytest.approx(mmlu.evaluate(lm).metrics["accuracy"])
     steered = [c for c in res if c["task"] == cap.name and c["method"] == "caa"]
     assert len(steered) == 2
+
+
+def test_truthfulqa_fit_format_pairs(tmp_path: Path) -> None:
+    from steerlab.data import ContrastiveSet, LabeledSet
+    from steerlab.errors import DataError
+    from steerlab.evals.tasks import TruthfulQAMC
+    from test_tasks_scored import write_tqa
+
+    path = write_tqa(tmp_path, 6)
+    labeled = TruthfulQAMC(path=path).fit_set(0)
+    pairs = TruthfulQAMC(path=path, fit_format="pairs").fit_set(0)
+    assert isinstance(labeled, LabeledSet) and isinstance(pairs, ContrastiveSet)
+    assert pairs.fingerprint() == TruthfulQAMC(path=path).fit_pairs(0).fingerprint()
+    with pytest.raises(DataError, match="fit_format"):
+        TruthfulQAMC(path=path, fit_format="nope")

@@ -166,7 +166,10 @@ class TruthfulQAMC(Task):
 
     def __init__(self, *, path: str | Path | None = None, n_questions: int | None = None,
                  seed: int = 0, batch_size: int = 16, preamble: str = "",
-                 close: bool = True) -> None:
+                 close: bool = True, fit_format: str = "labeled") -> None:
+        if fit_format not in ("labeled", "pairs"):
+            raise DataError(f"fit_format must be 'labeled' or 'pairs', got {fit_format!r}")
+        self.fit_format = fit_format
         if n_questions is not None and (isinstance(n_questions, bool)
                                         or not isinstance(n_questions, int)
                                         or n_questions < 2):
@@ -215,7 +218,11 @@ class TruthfulQAMC(Task):
         return [q for k in range(self.folds) if k != fold for q in self.questions(k)]
 
     def fit_set(self, fold: int = 0) -> ContrastiveSet | LabeledSet:
-        """Labelled ``"Q: {q}\\nA: {a}"`` texts of the other fold's questions."""
+        """Labelled ``"Q: {q}\\nA: {a}"`` texts of the other fold's questions (ITI's probe
+        data); with ``fit_format="pairs"``, :meth:`fit_pairs` instead (for methods that need
+        contrastive pairs: RepE, angular steering, A-LQR, SAS)."""
+        if self.fit_format == "pairs":
+            return self.fit_pairs(fold)
         items = [t for q in self._train_questions(fold) for t in q.texts()]
         return LabeledSet(items, name=f"truthfulqa_fold{fold}_train").validate()
 
@@ -263,4 +270,4 @@ class TruthfulQAMC(Task):
                 "n_answers": [sum(len(q.true) + len(q.false) for q in self.questions(k))
                               for k in range(self.folds)],
                 "prompt": "Q: {question}\\nA: {answer}", "preamble": self.preamble,
-                "close": self.close, "recipe": self.recipe}
+                "close": self.close, "recipe": self.recipe, "fit_format": self.fit_format}

@@ -1,0 +1,171 @@
+"""Regenerate ``docs/results.md``: every landed method on the embedded model, one command.
+
+Runs two resumable sweeps with the evaluation harness (:mod:`steerlab.evals.sweep`) into
+``--run`` (default ``results-run/``), then writes the report with its plots into
+``docs/results/`` and the page ``docs/results.md``:
+
+1. **Methods** (all of ``steerlab.methods`` that fit from data; ActAdd reads only its own
+   prompt pair and A-LQR+ shares A-LQR's fit, so both are left out), block ``--layer``
+   (methods that pick their blocks themselves, ITI, A-LQR and S-PID, ignore it), two
+   strengths each, scope ``all``, on:
+   - ``sentiment``: VADER of greedy answers to 38 neutral prompts, with perplexity;
+   - ``ab:BEHAVIOUR`` (``--behaviour``): P(behaviour-matching letter) on held-out CAA A/B
+     pairs, and CAA's MMLU A/B accuracy scored under the same steering (capability);
+   - ``truthfulqa_mc``: MC1/MC2 by log-probability, 2-fold (``--tqa-questions`` questions);
+   every cell also gets the next-token KL from the unsteered model on the neutral prompts.
+2. **Layer sweep**: CAA at blocks 4..24 on sentiment.
+
+SAS needs a sparse autoencoder at the block: ``--sae FOLDER`` (SAELens format); without
+it, one is trained (8×, TopK, 100 000 tokens of ``../shared/data``, about 4 minutes) into
+the run folder and reused afterwards.
+
+A rerun skips finished cells (and cached fits), so an interrupted run is resumed by running
+the command again. Needs ``../shared/data``.
+
+Run: ``python benchmarks/results_page.py`` (under an hour on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import command_line, machine_facts
+from steerlab.corpus import corpus_activations, load_corpus
+from steerlab.evals.report import compare_table, write_report
+from steerlab.evals.sweep import SweepResults, SweepSpec, run_sweep
+from steerlab.evals.tasks import CapabilityUnder, make_task
+from steerlab.models import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+STRENGTHS: dict[str, list[float]] = {
+    "caa": [2.0, 4.0], "repe": [2.0, 4.0], "probe": [2.0, 4.0], "mean_act": [2.0, 4.0],
+    "linear_act": [1.0, 2.0], "mimic": [1.0, 2.0], "angular": [0.5, 1.0], "iti": [1.0, 2.0],
+    "odesteer": [20.0, 40.0], "step_odesteer": [20.0, 40.0], "innsteer": [1.0, 2.0],
+    "sas": [4.0, 8.0], "alqr": [1.0, 2.0], "spid": [1.0, 2.0], "actadd_lfs": [1.0, 2.0],
+}
+
+
+def sae_for(run: Path, layer: int, lm: Any, given: str | None) -> str:
+    if given:
+        return given
+    out = run / f"sae-8x-L{layer}"
+    if (out / "cfg.json").is_file():
+        return str(out)
+    from steerlab.sae import SAEConfig, hook_name_for_site, save_saelens, train_sae
+
+    site = f"resid_post.{layer}"
+    shards = corpus_activations(lm, load_corpus(SHARED), site, max_tokens=100_000)
+    d = lm.info.hidden_size
+    cfg = SAEConfig(d_in=d, d_sae=8 * d, architecture="topk", k=32, site=site,
+                    hook_name=hook_name_for_site(site), model_name=lm.info.model_id)
+    sae, _ = train_sae(shards, cfg, epochs=2)
+    save_saelens(sae, out)
+    return str(out)
+
+
+def page(main: SweepResults, layers: SweepResults, run: Path, seconds: float,
+         budget: float, facts: dict[str, Any]) -> str:
+    docs = REPO / "docs"
+    rep_main = write_report(main, docs / "results" / "methods", budget=budget,
+                            title="Every method on the embedded model")
+    rep_layers = write_report(layers, docs / "results" / "layers", budget=budget,
+                              title="CAA across blocks (sentiment)")
+
+    def body(path: Path, prefix: str) -> str:
+        text = path.read_text()
+        text = re.sub(r"^# .*\n", "", text, count=1)
+        text = re.sub(r"\]\((figures/[^)]+)\)", lambda m: f"]({prefix}/{m.group(1)})", text)
+        return re.sub(r"^(#+) ", r"#\1 ", text, flags=re.M)
+
+    best = compare_table(main, "kl", budget)
+    lines = [
+        "# Results: every method on the embedded model",
+        "",
+        f"`smollm2-135m` (SmolLM2-135M-Instruct, 30 blocks, d = 576, float32) on this "
+        f"{facts['cpu_count']}-core CPU. Regenerate with:",
+        "",
+        "```bash",
+        ".venv/bin/python benchmarks/results_page.py",
+        "```",
+        "",
+        f"Last regeneration: {seconds / 60:.1f} minutes of sweeping ({command_line()}; "
+        f"cells already finished in `{run.name}/` are skipped on a rerun, so a resumed run "
+        f"is shorter). Methods are compared at equal fluency: for each task, the largest "
+        f"change of the task's primary metric each method reaches among its cells whose "
+        f"next-token KL from the unsteered model on neutral prompts is at most {budget:g} "
+        f"nats.",
+        "",
+        "## Best change within the KL budget",
+        "",
+    ]
+    tasks = list(best)
+    lines.append("| method | " + " | ".join(tasks) + " |")
+    lines.append("|---|" + "---|" * len(tasks))
+    labels = sorted({lab for t in tasks for lab in best[t]})
+    for lab in labels:
+        row = []
+        for t in tasks:
+            b = best[t].get(lab)
+            row.append("—" if b is None else
+                       f"{b['delta']:+.3f} (s={b['strength']:g}, KL {b['cost']:.3f})")
+        lines.append(f"| {lab} | " + " | ".join(row) + " |")
+    lines += ["", "## All cells", "", body(rep_main, "results/methods"), "",
+              "## Layer sweep", "", body(rep_layers, "results/layers")]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default=str(REPO / "results-run"))
+    p.add_argument("--layer", type=int, default=12)
+    p.add_argument("--behaviour", default="corrigible-neutral-HHH")
+    p.add_argument("--methods", nargs="+", default=list(STRENGTHS))
+    p.add_argument("--tqa-questions", type=int, default=100)
+    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--budget", type=float, default=0.1, help="KL budget (nats)")
+    p.add_argument("--sae", default=None)
+    p.add_argument("--skip-layers", action="store_true")
+    args = p.parse_args()
+    if not SHARED.is_dir():
+        raise SystemExit(f"{SHARED} is absent: the results page needs the shipped datasets")
+    facts = machine_facts()
+    run = Path(args.run)
+    run.mkdir(parents=True, exist_ok=True)
+    lm = load_model()
+    t0 = time.perf_counter()
+    hp: dict[str, dict[str, Any]] = {}
+    if "sas" in args.methods:
+        hp["sas"] = {"sae": sae_for(run, args.layer, lm, args.sae)}
+    if "innsteer" in args.methods:
+        hp["innsteer"] = {"epochs": 150}
+    sent = make_task("sentiment", lm)
+    ab = make_task(f"ab:{args.behaviour}", lm, n_test=args.n_test)
+    mmlu = make_task("mmlu_ab", lm, n_test=args.n_test)
+    tqa = make_task("truthfulqa_mc", lm, n_questions=args.tqa_questions, fit_format="pairs")
+    spec = SweepSpec(methods=list(args.methods), layers=[args.layer],
+                     strengths={m: STRENGTHS[m] for m in args.methods},
+                     tasks=[sent, ab, CapabilityUnder(mmlu, ab), tqa], scope="all",
+                     hyperparameters=hp)
+    main_res = run_sweep(lm, spec, run / "methods")
+    layer_res = SweepResults()
+    if not args.skip_layers:
+        lspec = SweepSpec(methods=["caa"], layers=[4, 8, 12, 16, 20, 24],
+                          strengths=[2.0, 4.0], tasks=[sent], scope="all")
+        layer_res = run_sweep(lm, lspec, run / "layers")
+    seconds = time.perf_counter() - t0
+    (REPO / "docs" / "results.md").write_text(
+        page(main_res, layer_res, run, seconds, args.budget, facts))
+    (run / "timing.json").write_text(json.dumps({"sweep_seconds": round(seconds, 1),
+                                                  "stats": main_res.stats}, indent=1))
+    print(f"wrote docs/results.md ({seconds / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()

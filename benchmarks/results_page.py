@@ -5,10 +5,12 @@ Runs two resumable sweeps with the evaluation harness (:mod:`steerlab.evals.swee
 ``docs/results/`` and the page ``docs/results.md``:
 
 1. **Methods** (all of ``steerlab.methods`` that fit from data; ActAdd reads only its own
-   prompt pair and A-LQR+ shares A-LQR's fit, so both are left out), block ``--layer``
+   prompt pair, A-LQR+ shares A-LQR's fit, and StepODESteer and ActAdd-LFS are ablations
+   with their own results pages, so these are left out), block ``--layer``
    (methods that pick their blocks themselves, ITI, A-LQR and S-PID, ignore it), two
    strengths each, scope ``all``, on:
-   - ``sentiment``: VADER of greedy answers to 38 neutral prompts, with perplexity;
+   - ``sentiment``: VADER of greedy answers (``--new-tokens``) to the first ``--prompts``
+     neutral prompts, with perplexity;
    - ``ab:BEHAVIOUR`` (``--behaviour``): P(behaviour-matching letter) on held-out CAA A/B
      pairs, and CAA's MMLU A/B accuracy scored under the same steering (capability);
    - ``truthfulqa_mc``: MC1/MC2 by log-probability, 2-fold (``--tqa-questions`` questions);
@@ -36,6 +38,7 @@ from typing import Any
 
 from _common import command_line, machine_facts
 from steerlab.corpus import corpus_activations, load_corpus
+from steerlab.data import neutral_prompts
 from steerlab.evals.report import compare_table, write_report
 from steerlab.evals.sweep import SweepResults, SweepSpec, run_sweep
 from steerlab.evals.tasks import CapabilityUnder, make_task
@@ -47,8 +50,8 @@ SHARED = REPO.parent / "shared" / "data"
 STRENGTHS: dict[str, list[float]] = {
     "caa": [2.0, 4.0], "repe": [2.0, 4.0], "probe": [2.0, 4.0], "mean_act": [2.0, 4.0],
     "linear_act": [1.0, 2.0], "mimic": [1.0, 2.0], "angular": [0.5, 1.0], "iti": [1.0, 2.0],
-    "odesteer": [20.0, 40.0], "step_odesteer": [20.0, 40.0], "innsteer": [1.0, 2.0],
-    "sas": [4.0, 8.0], "alqr": [1.0, 2.0], "spid": [1.0, 2.0], "actadd_lfs": [1.0, 2.0],
+    "odesteer": [20.0, 40.0], "innsteer": [1.0, 2.0], "sas": [4.0, 8.0], "alqr": [1.0, 2.0],
+    "spid": [1.0, 2.0],
 }
 
 
@@ -99,7 +102,7 @@ def page(main: SweepResults, layers: SweepResults, run: Path, seconds: float,
         f"cells already finished in `{run.name}/` are skipped on a rerun, so a resumed run "
         f"is shorter). Methods are compared at equal fluency: for each task, the largest "
         f"change of the task's primary metric each method reaches among its cells whose "
-        f"next-token KL from the unsteered model on neutral prompts is at most {budget:g} "
+        f"next-token KL from the unsteered model on the neutral prompts is at most {budget:g} "
         f"nats.",
         "",
         "## Best change within the KL budget",
@@ -127,9 +130,11 @@ def main() -> None:
     p.add_argument("--layer", type=int, default=12)
     p.add_argument("--behaviour", default="corrigible-neutral-HHH")
     p.add_argument("--methods", nargs="+", default=list(STRENGTHS))
-    p.add_argument("--tqa-questions", type=int, default=100)
-    p.add_argument("--n-test", type=int, default=100)
-    p.add_argument("--budget", type=float, default=0.1, help="KL budget (nats)")
+    p.add_argument("--tqa-questions", type=int, default=60)
+    p.add_argument("--n-test", type=int, default=60)
+    p.add_argument("--prompts", type=int, default=19)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--budget", type=float, default=0.25, help="KL budget (nats)")
     p.add_argument("--sae", default=None)
     p.add_argument("--skip-layers", action="store_true")
     args = p.parse_args()
@@ -145,19 +150,21 @@ def main() -> None:
         hp["sas"] = {"sae": sae_for(run, args.layer, lm, args.sae)}
     if "innsteer" in args.methods:
         hp["innsteer"] = {"epochs": 150}
-    sent = make_task("sentiment", lm)
+    sent = make_task("sentiment", lm, n_test=args.prompts, max_new_tokens=args.new_tokens,
+                     batch_size=args.prompts)
     ab = make_task(f"ab:{args.behaviour}", lm, n_test=args.n_test)
     mmlu = make_task("mmlu_ab", lm, n_test=args.n_test)
     tqa = make_task("truthfulqa_mc", lm, n_questions=args.tqa_questions, fit_format="pairs")
     spec = SweepSpec(methods=list(args.methods), layers=[args.layer],
                      strengths={m: STRENGTHS[m] for m in args.methods},
                      tasks=[sent, ab, CapabilityUnder(mmlu, ab), tqa], scope="all",
-                     hyperparameters=hp)
+                     hyperparameters=hp, fluency_texts=neutral_prompts()[: args.prompts])
     main_res = run_sweep(lm, spec, run / "methods")
     layer_res = SweepResults()
     if not args.skip_layers:
         lspec = SweepSpec(methods=["caa"], layers=[4, 8, 12, 16, 20, 24],
-                          strengths=[2.0, 4.0], tasks=[sent], scope="all")
+                          strengths=[2.0, 4.0], tasks=[sent], scope="all",
+                          fluency_texts=neutral_prompts()[: args.prompts])
         layer_res = run_sweep(lm, lspec, run / "layers")
     seconds = time.perf_counter() - t0
     (REPO / "docs" / "results.md").write_text(

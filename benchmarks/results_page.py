@@ -137,6 +137,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.25, help="KL budget (nats)")
     p.add_argument("--sae", default=None)
     p.add_argument("--skip-layers", action="store_true")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="run the failed cells of an earlier run again")
     args = p.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"{SHARED} is absent: the results page needs the shipped datasets")
@@ -159,7 +161,7 @@ def main() -> None:
                      strengths={m: STRENGTHS[m] for m in args.methods},
                      tasks=[sent, ab, CapabilityUnder(mmlu, ab), tqa], scope="all",
                      hyperparameters=hp, fluency_texts=neutral_prompts()[: args.prompts])
-    main_res = run_sweep(lm, spec, run / "methods")
+    main_res = run_sweep(lm, spec, run / "methods", retry_failed=args.retry_failed)
     layer_res = SweepResults()
     if not args.skip_layers:
         lspec = SweepSpec(methods=["caa"], layers=[4, 8, 12, 16, 20, 24],

@@ -122,7 +122,7 @@ class BehaviourAB(Task):
 
     kind: ClassVar[TaskKind] = "behaviour"
     primary: ClassVar[str] = "p_match"
-    recipe: ClassVar[str] = "ab"
+    recipe: ClassVar[str | None] = "ab"
 
     def __init__(self, behaviour: str = "sycophancy", *, path: str | Path | None = None,
                  n_train: int = 300, n_test: int = 100, test_fraction: float = 0.25,
@@ -212,7 +212,7 @@ class MMLUCapability(Task):
     name: ClassVar[str] = "mmlu_ab"
     kind: ClassVar[TaskKind] = "capability"
     primary: ClassVar[str] = "accuracy"
-    recipe: ClassVar[str] = "ab"
+    recipe: ClassVar[str | None] = "ab"
 
     def __init__(self, *, path: str | Path | None = None, n_test: int = 200, seed: int = 0,
                  batch_size: int = 16) -> None:

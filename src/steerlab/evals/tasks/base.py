@@ -5,7 +5,9 @@ the items it was fitted on. The harness (sweeps, calibration, reports) only uses
 interface, so a new task or a new method plugs in without changes to the harness:
 
 * ``fit_set(fold)``: the data controllers are fitted on for this task (the train part);
-* ``recipe``: the token position fitting reads (``"ab"`` for A/B tasks: the answer letter);
+* ``recipe``: the token position fitting reads (``"ab"`` for A/B tasks: the answer letter;
+  ``None``: each method's own default, e.g. the last token for CAA, the completion mean for
+  A-LQR's setpoints);
 * ``evaluate(lm, steers, fold)``: score the test part under the given steering (``None``:
   unsteered) and return a :class:`TaskResult` of named metrics;
 * ``primary``: the metric whose increase means "more of the positive class's behaviour",
@@ -48,7 +50,7 @@ class Task(ABC):
     name: ClassVar[str]
     kind: ClassVar[TaskKind] = "behaviour"
     primary: ClassVar[str]
-    recipe: ClassVar[str] = "last"
+    recipe: ClassVar[str | None] = None
     folds: int = 1
 
     @abstractmethod

@@ -161,7 +161,7 @@ class TruthfulQAMC(Task):
     name: ClassVar[str] = "truthfulqa_mc"
     kind: ClassVar[TaskKind] = "behaviour"
     primary: ClassVar[str] = "mc2"
-    recipe: ClassVar[str] = "last"
+    recipe: ClassVar[str | None] = None
     folds: int = 2
 
     def __init__(self, *, path: str | Path | None = None, n_questions: int | None = None,

@@ -15,7 +15,9 @@ Runs two resumable sweeps with the evaluation harness (:mod:`steerlab.evals.swee
      pairs, and CAA's MMLU A/B accuracy scored under the same steering (capability);
    - ``truthfulqa_mc``: MC1/MC2 by log-probability, 2-fold (``--tqa-questions`` questions);
    every cell also gets the next-token KL from the unsteered model on the neutral prompts.
-2. **Layer sweep**: CAA at blocks 4..24 on sentiment.
+2. **Stronger A/B grid**: the additive methods' answer-letter vectors are short, so they get
+   a second sweep on the A/B task with larger strengths (``STRONG_AB``).
+3. **Layer sweep**: CAA at blocks 4..24 on sentiment.
 
 SAS needs a sparse autoencoder at the block: ``--sae FOLDER`` (SAELens format); without
 it, one is trained (8×, TopK, 100 000 tokens of ``../shared/data``, about 4 minutes) into
@@ -52,6 +54,14 @@ STRENGTHS: dict[str, list[float]] = {
     "linear_act": [1.0, 2.0], "mimic": [1.0, 2.0], "angular": [0.5, 1.0], "iti": [1.0, 2.0],
     "odesteer": [20.0, 40.0], "innsteer": [1.0, 2.0], "sas": [4.0, 8.0], "alqr": [1.0, 2.0],
     "spid": [1.0, 2.0],
+}
+
+# On the A/B task the answer-letter vectors are short (CAA x4 costs a KL of 0.014), so the
+# additive methods get a second, stronger grid there ("ab-strong"), to reach the KL budget.
+STRONG_AB: dict[str, list[float]] = {
+    "caa": [8.0, 16.0, 32.0], "repe": [8.0, 16.0, 32.0], "probe": [8.0, 16.0, 32.0],
+    "mean_act": [8.0, 16.0, 32.0], "linear_act": [4.0, 8.0, 16.0],
+    "innsteer": [4.0, 8.0, 16.0],
 }
 
 
@@ -98,9 +108,10 @@ def page(main: SweepResults, layers: SweepResults, run: Path, seconds: float,
         ".venv/bin/python benchmarks/results_page.py",
         "```",
         "",
-        f"Last regeneration: {seconds / 60:.1f} minutes of sweeping ({command_line()}; "
-        f"cells already finished in `{run.name}/` are skipped on a rerun, so a resumed run "
-        f"is shorter). Methods are compared at equal fluency: for each task, the largest "
+        f"Regeneration took {seconds / 60:.1f} minutes of sweeping in all on this machine "
+        f"(last invocation: `{command_line()}`; a rerun skips the cells already finished in "
+        f"`{run.name}/`, so an interrupted run resumes, and the time adds up over "
+        f"invocations). Methods are compared at equal fluency: for each task, the largest "
         f"change of the task's primary metric each method reaches among its cells whose "
         f"next-token KL from the unsteered model on the neutral prompts is at most {budget:g} "
         f"nats.",
@@ -162,6 +173,14 @@ def main() -> None:
                      tasks=[sent, ab, CapabilityUnder(mmlu, ab), tqa], scope="all",
                      hyperparameters=hp, fluency_texts=neutral_prompts()[: args.prompts])
     main_res = run_sweep(lm, spec, run / "methods", retry_failed=args.retry_failed)
+    strong = [m for m in args.methods if m in STRONG_AB]
+    strong_res = SweepResults()
+    if strong:
+        sspec = SweepSpec(methods=strong, layers=[args.layer],
+                          strengths={m: STRONG_AB[m] for m in strong}, tasks=[ab],
+                          scope="all", hyperparameters=hp,
+                          fluency_texts=neutral_prompts()[: args.prompts])
+        strong_res = run_sweep(lm, sspec, run / "ab-strong")
     layer_res = SweepResults()
     if not args.skip_layers:
         lspec = SweepSpec(methods=["caa"], layers=[4, 8, 12, 16, 20, 24],
@@ -169,10 +188,19 @@ def main() -> None:
                           fluency_texts=neutral_prompts()[: args.prompts])
         layer_res = run_sweep(lm, lspec, run / "layers")
     seconds = time.perf_counter() - t0
+    timing_path = run / "timing.json"
+    history: list[float] = []
+    if timing_path.is_file():
+        history = list(json.loads(timing_path.read_text()).get("history_seconds", []))
+    history.append(round(seconds, 1))
+    seconds = sum(history)
     (REPO / "docs" / "results.md").write_text(
-        page(main_res, layer_res, run, seconds, args.budget, facts))
-    (run / "timing.json").write_text(json.dumps({"sweep_seconds": round(seconds, 1),
-                                                  "stats": main_res.stats}, indent=1))
+        page(SweepResults([*main_res, *(c for c in strong_res
+                                         if c.get("method") is not None)]),
+             layer_res, run, seconds, args.budget, facts))
+    timing_path.write_text(json.dumps({"sweep_seconds": round(seconds, 1),
+                                       "history_seconds": history, "stats": main_res.stats},
+                                      indent=1))
     print(f"wrote docs/results.md ({seconds / 60:.1f} min)")
 
 

@@ -55,7 +55,8 @@ def ab_scores(lm: LoadedModel, data: ContrastiveSet,
               renderer: Renderer | None = None, batch_size: int = 16) -> ABScores:
     """Letter probabilities of every item of ``data`` (see :class:`ABScores`) at the answer
     position: the rendered prompt followed by ``(`` (CAA's A/B evaluation), under
-    ``steers``. Scored in batches of ``batch_size`` prompts, right-padded."""
+    ``steers``. Scored in batches of ``batch_size`` prompts of similar length (sorted by
+    token count, so padding stays short), right-padded; results in the order of ``data``."""
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     renderer = renderer or Renderer(lm.tokenizer)
@@ -84,13 +85,16 @@ def ab_scores(lm: LoadedModel, data: ContrastiveSet,
         texts.append(renderer.prompt(pair.prompt) + sep + "(")
     if not texts:
         raise DataError("no A/B pairs to evaluate")
-    p_match: list[float] = []
-    p_a: list[float] = []
+    p_match: list[float] = [0.0] * len(texts)
+    p_a: list[float] = [0.0] * len(texts)
+    lengths = [len(tok(t, add_special_tokens=add_special)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda j: lengths[j])
     old_side = tok.padding_side
     tok.padding_side = "right"
     try:
-        for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i:i + batch_size], add_special_tokens=add_special, padding=True,
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            enc = tok([texts[j] for j in idx], add_special_tokens=add_special, padding=True,
                       return_tensors="pt")
             mask = enc["attention_mask"].to(lm.device)
             with torch.no_grad(), steering(lm, steers):
@@ -98,13 +102,14 @@ def ab_scores(lm: LoadedModel, data: ContrastiveSet,
                                   attention_mask=mask, use_cache=False).logits
             last = mask.sum(dim=1) - 1
             rows = logits[torch.arange(logits.shape[0], device=logits.device), last].float()
-            pos = torch.tensor(pos_ids[i:i + batch_size], device=rows.device)
-            neg = torch.tensor(neg_ids[i:i + batch_size], device=rows.device)
+            pos = torch.tensor([pos_ids[j] for j in idx], device=rows.device)
+            neg = torch.tensor([neg_ids[j] for j in idx], device=rows.device)
             duo = torch.stack([rows.gather(1, pos[:, None])[:, 0],
                                rows.gather(1, neg[:, None])[:, 0]], dim=1)
-            p_match.extend(float(x) for x in torch.softmax(duo, dim=-1)[:, 0].cpu())
             two = torch.softmax(rows[:, [a_id, b_id]], dim=-1)
-            p_a.extend(float(x) for x in two[:, 0].cpu())
+            for k, (pm, pa) in enumerate(zip(torch.softmax(duo, dim=-1)[:, 0].cpu(),
+                                             two[:, 0].cpu(), strict=True)):
+                p_match[idx[k]], p_a[idx[k]] = float(pm), float(pa)
     finally:
         tok.padding_side = old_side
     return ABScores(p_match, p_a, wants)

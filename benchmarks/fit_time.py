@@ -44,7 +44,9 @@ def main() -> None:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            c = fit_method(lm, m, data, layer=args.layer, cache=False, progress=False)
+            # ITI chooses its heads among every block's (the paper's), not one block's
+            layer = None if m == "iti" else args.layer
+            c = fit_method(lm, m, data, layer=layer, cache=False, progress=False)
         total = time.perf_counter() - t0
         est = next((c.fit_info[k] for k in ESTIMATOR_KEYS if k in c.fit_info), None)
         rows.append({"method": m, "total_seconds": round(total, 3), "estimator_seconds": est,

@@ -6,8 +6,8 @@ Runs two resumable sweeps with the evaluation harness (:mod:`steerlab.evals.swee
 
 1. **Methods** (all of ``steerlab.methods`` that fit from data; ActAdd reads only its own
    prompt pair, A-LQR+ shares A-LQR's fit, and StepODESteer and ActAdd-LFS are ablations
-   with their own results pages, so these are left out), block ``--layer``
-   (methods that pick their blocks themselves, ITI, A-LQR and S-PID, ignore it), two
+   with their own results pages, so these are left out), block ``--layer`` (A-LQR and
+   S-PID steer every block and ignore it; ITI chooses among that block's heads only), two
    strengths each, scope ``all``, on:
    - ``sentiment``: VADER of greedy answers (``--new-tokens``) to the first ``--prompts``
      neutral prompts, with perplexity;

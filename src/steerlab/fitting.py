@@ -590,7 +590,8 @@ def build_controller(method: str, lm: LoadedModel, *, layer: int | None = None,
     if unknown:
         raise SteeringError(f"{method} takes no hyper-parameter {', '.join(unknown)}; it "
                             f"takes {', '.join(p for p in params if p != 'self')}")
-    return cls(**kw, **hyperparameters)
+    kw.update(hyperparameters)  # an explicit hyper-parameter (e.g. ITI's layers=None) wins
+    return cls(**kw)
 
 
 def fit_method(lm: LoadedModel, method: str, data: ContrastiveSet | LabeledSet, *,

@@ -435,6 +435,17 @@ def class_activations(
     return pos, neg, str(position)
 
 
+def _record_fit(controller: Any, lm: LoadedModel, data: ContrastiveSet | LabeledSet,
+                position: str, t_collect: float, t_fit: float) -> Any:
+    """What an artifact needs of a fit: the model, the data fingerprint, the times."""
+    controller.model_info = lm.info
+    controller.data_fingerprint = data.fingerprint()
+    controller.fit_info.update(
+        data=data.name, position=position, collect_seconds=round(t_collect, 3),
+        estimator_seconds=round(t_fit, 3), fit_seconds=round(t_collect + t_fit, 3))
+    return controller
+
+
 def fit_contrastive(
     lm: LoadedModel,
     data: ContrastiveSet | LabeledSet,
@@ -460,16 +471,7 @@ def fit_contrastive(
     t0 = time.perf_counter()
     controller.fit(pos, neg)
     t_fit = time.perf_counter() - t0
-    controller.model_info = lm.info
-    controller.data_fingerprint = data.fingerprint()
-    controller.fit_info.update(
-        data=data.name,
-        position=position,
-        collect_seconds=round(t_collect, 3),
-        estimator_seconds=round(t_fit, 3),
-        fit_seconds=round(t_collect + t_fit, 3),
-    )
-    return controller
+    return _record_fit(controller, lm, data, position, t_collect, t_fit)
 
 
 def fit_iti(
@@ -507,12 +509,7 @@ def fit_iti(
     t0 = time.perf_counter()
     controller.fit(pos, neg, head_dim=layers.head_dim)
     t_fit = time.perf_counter() - t0
-    controller.model_info = lm.info
-    controller.data_fingerprint = data.fingerprint()
-    controller.fit_info.update(
-        data=data.name, position=position, collect_seconds=round(t_collect, 3),
-        estimator_seconds=round(t_fit, 3), fit_seconds=round(t_collect + t_fit, 3))
-    return controller
+    return _record_fit(controller, lm, data, position, t_collect, t_fit)
 
 
 def fit_angular(
@@ -541,12 +538,7 @@ def fit_angular(
     t0 = time.perf_counter()
     controller.fit({s: pos[s] for s in sites}, {s: neg[s] for s in sites}, contrast=contrast)
     t_fit = time.perf_counter() - t0
-    controller.model_info = lm.info
-    controller.data_fingerprint = data.fingerprint()
-    controller.fit_info.update(
-        data=data.name, position=position, collect_seconds=round(t_collect, 3),
-        estimator_seconds=round(t_fit, 3), fit_seconds=round(t_collect + t_fit, 3))
-    return controller
+    return _record_fit(controller, lm, data, position, t_collect, t_fit)
 
 
 def _fitter(method: str) -> Any:

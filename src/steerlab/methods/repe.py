@@ -43,6 +43,7 @@ its cosine with the mean difference.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
@@ -122,11 +123,11 @@ class DirectionController(AdditiveController):
             self.check_fitted()
         return super().steer(site, h, strength, ctx)
 
+    @abstractmethod
     def direction(
         self, site: Site, pos: torch.Tensor, neg: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """The unit direction at ``site`` from validated float32 rows, and fit figures."""
-        raise NotImplementedError
 
     def _fit_directions(
         self, positive: dict[Site, torch.Tensor], negative: dict[Site, torch.Tensor]

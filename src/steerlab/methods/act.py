@@ -235,12 +235,7 @@ class _AcT(Controller):
         key = (site, h.dtype, h.device)
         p = self._cast.get(key)
         if p is None:
-            self.check_fitted()
-            if site not in self.omega:
-                raise SteeringError(
-                    f"this {type(self).__name__} was fitted at {[str(s) for s in self.sites]}, "
-                    f"not at {site}"
-                )
+            self.check_site(site)
             scale = self.omega[site] - 1
             p = tuple(t.to(device=h.device, dtype=h.dtype)
                       for t in (scale, self.beta[site], self.lo[site], self.hi[site]))

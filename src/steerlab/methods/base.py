@@ -70,6 +70,15 @@ class Controller(ABC):
                 f"this {type(self).__name__} is not fitted: call fit() or load an artifact"
             )
 
+    def check_site(self, site: Site) -> None:
+        """Fail clearly when asked to steer a site this controller was not fitted at."""
+        self.check_fitted()
+        if site not in self.sites:
+            raise SteeringError(
+                f"this {type(self).__name__} was fitted at {[str(s) for s in self.sites]}, "
+                f"not at {site}"
+            )
+
     @abstractmethod
     def steer(
         self, site: Site, h: torch.Tensor, strength: torch.Tensor, ctx: StepContext

@@ -249,11 +249,7 @@ class MiMiC(Controller):
         key = (site, h.dtype, h.device)
         p = self._cast.get(key)
         if p is None:
-            self.check_fitted()
-            if site not in self.A:
-                raise SteeringError(
-                    f"this MiMiC was fitted at {[str(s) for s in self.sites]}, not at {site}"
-                )
+            self.check_site(site)
             A = self.A[site].to(torch.float64)
             M = A - torch.eye(A.shape[0], dtype=torch.float64)  # T(x) − x = M x + b
             # M is symmetric, so x M = (M x)ᵀ for row vectors x.

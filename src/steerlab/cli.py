@@ -500,13 +500,6 @@ def diagnose_barrier(
         _fail(exc)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
 from steerlab.cli_eval import (  # noqa: E402
     calibrate_command,
     compare_command,
@@ -518,3 +511,15 @@ app.command("eval")(eval_command)
 app.command("sweep")(sweep_command)
 app.command("compare")(compare_command)
 app.command("calibrate")(calibrate_command)
+
+from steerlab.cli_serve import serve_command  # noqa: E402
+
+app.command("serve")(serve_command)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,81 @@
+"""``steerlab serve``: the OpenAI-compatible server with per-request steering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from steerlab.errors import SteerlabError
+
+console = Console(stderr=True)
+
+
+def serve_command(
+    model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
+    controllers: Annotated[Path | None, typer.Option(
+        help="folder of controllers: *.safetensors artifacts and *.gguf control vectors, "
+             "optionally with controllers.json (names, default strengths and scopes)")] = None,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to bind")] = 8000,
+    served_name: Annotated[str | None, typer.Option(
+        help="model id clients send (default: the model name)")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="STEERLAB_API_KEY", help="bearer token required on /v1 (env STEERLAB_API_KEY)",
+        show_default=False)] = None,
+    max_batch: Annotated[int, typer.Option(help="rows decoded together at most")] = 32,
+    max_queue: Annotated[int, typer.Option(help="waiting requests before 429")] = 128,
+    max_tokens: Annotated[int, typer.Option(help="largest max_tokens per request")] = 512,
+    max_prompt_tokens: Annotated[int, typer.Option(help="longest prompt in tokens")] = 2048,
+    max_n: Annotated[int, typer.Option(help="most choices per request")] = 8,
+    max_strength: Annotated[float, typer.Option(
+        help="largest |strength| for controllers without their own max_strength")] = 64.0,
+    max_steers: Annotated[int, typer.Option(help="most steering entries per request")] = 8,
+    max_prefill_tokens: Annotated[int, typer.Option(
+        help="padded prompt tokens pre-filled per step at most")] = 4096,
+    strict: Annotated[bool, typer.Option(
+        help="refuse artifacts fitted on another model id (shapes are always checked)")] = True,
+    log_prompts: Annotated[bool, typer.Option(help="also log prompt text")] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
+    device: Annotated[str, typer.Option(help="torch device (cpu, cuda, cuda:1, ...)")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="weights dtype: float32, bfloat16, float16")] = (
+        "float32"),
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API; each request picks its own steering
+    in the body field "steering": [{"controller": NAME, "strength": S, "scope": SCOPE}]."""
+    try:
+        import torch
+        import uvicorn
+
+        from steerlab.models import load_model
+        from steerlab.serve import logs
+        from steerlab.serve.app import ServerConfig, create_app
+        from steerlab.serve.engine import EngineConfig
+        from steerlab.serve.registry import ControllerRegistry
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        logs.configure(log_level)
+        with console.status(f"loading {model}..."):
+            lm = load_model(model, device=device, dtype=dtype)
+        registry = (ControllerRegistry.from_dir(controllers, lm.info, strict=strict,
+                                                max_strength=max_strength,
+                                                max_steers=max_steers)
+                    if controllers is not None else ControllerRegistry({}, max_steers=max_steers))
+        config = ServerConfig(
+            served_name=served_name or lm.info.model_id, api_key=api_key or None,
+            max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
+            log_prompts=log_prompts,
+            engine=EngineConfig(max_batch=max_batch, max_queue=max_queue,
+                                max_prefill_tokens=max_prefill_tokens))
+        app = create_app(lm, registry, config)
+        names = ", ".join(registry.names) or "none"
+        console.print(f"[green]serving[/] {config.served_name} on http://{host}:{port}/v1 "
+                      f"(controllers: {names}; auth: {'on' if api_key else 'off'})")
+        uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), access_log=False)
+    except SteerlabError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None

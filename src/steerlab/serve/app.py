@@ -1,0 +1,547 @@
+"""The OpenAI-compatible HTTP server (FastAPI), with per-request steering.
+
+Endpoints: ``GET /health`` (no auth), ``GET /v1/models``, ``GET /v1/steering``,
+``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed with server-sent events
+when ``"stream": true``). A request picks its steering in the extra body field
+``"steering": [{"controller": "positive", "strength": 4.0, "scope": "all"}, ...]``; several
+entries add up, none means plain generation. Requests run on one
+:class:`~steerlab.serve.engine.Engine`, batched with whatever else is running.
+
+Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``:
+401 without the bearer token (when one is set), 404 for an unknown model or route, 413 for a
+body over the size limit, 422 for a body that fails schema validation (wrong type, missing
+field, value out of range), 400 for a valid body the server will not run (unknown controller,
+strength out of bounds, prompt or ``max_tokens`` over the limits, an unsupported option),
+429 when the waiting queue is full, 503 while shutting down, 500 for a failed generation.
+A client that disconnects cancels its request at the engine's next step.
+
+Each generation request writes one structured (JSON) log record on the ``steerlab.serve``
+logger: id, endpoint, status, token counts, finish reasons, steering, timings; the prompt
+text only with ``log_prompts=True``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import steerlab
+from steerlab.errors import SteerlabError
+from steerlab.models import LoadedModel
+from steerlab.runtime import Steer
+from steerlab.serve import responses
+from steerlab.serve.engine import (
+    Completion,
+    Engine,
+    EngineBusy,
+    EngineClosed,
+    EngineConfig,
+    Event,
+    RequestHandle,
+)
+from steerlab.serve.protocol import ChatRequest, CompletionRequest, ErrorBody
+from steerlab.serve.registry import ControllerRegistry
+from steerlab.serve.sampling import SamplingParams
+
+log = logging.getLogger("steerlab.serve")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": what} for code, what in (
+        (400, "a valid body the server will not run (unknown controller, limits, ...)"),
+        (401, "missing or wrong bearer token"),
+        (404, "unknown model"),
+        (413, "request body too large"),
+        (422, "the body fails schema validation"),
+        (429, "the waiting queue is full"),
+        (500, "generation failed"),
+        (503, "the server is shutting down"),
+    )}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Limits and options of the server.
+
+    Args:
+        served_name: the model id clients send (``GET /v1/models`` lists it).
+        api_key: the bearer token every ``/v1`` request must carry; ``None`` for none.
+        max_tokens: largest ``max_tokens`` a request may ask for (and the chat default).
+        max_prompt_tokens: longest prompt, in tokens, a request may send.
+        max_n: most choices (``n`` times the number of prompts) per request.
+        max_body_bytes: largest request body.
+        log_prompts: also log prompt text (off by default).
+        engine: the engine's capacity.
+    """
+
+    served_name: str
+    api_key: str | None = None
+    max_tokens: int = 512
+    max_prompt_tokens: int = 2048
+    max_n: int = 8
+    max_body_bytes: int = 1 << 20
+    log_prompts: bool = False
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    disconnect_poll_s: float = 0.2
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status, message, type, param, code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(responses.error_body(self.message, type=self.type, param=self.param,
+                                                 code=self.code), status_code=self.status)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``limit`` bytes with a 413."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_large = APIError(413, f"request body over the limit of {self.limit} bytes",
+                             code="body_too_large")
+        try:
+            if length is not None and int(length) > self.limit:
+                await too_large.response()(scope, receive, send)
+                return
+        except ValueError:
+            await APIError(400, "invalid Content-Length header").response()(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await too_large.response()(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Server:
+    """State shared by the routes: the model, the engine, the controllers, the limits."""
+
+    def __init__(self, lm: LoadedModel, registry: ControllerRegistry,
+                 config: ServerConfig) -> None:
+        self.lm, self.registry, self.config = lm, registry, config
+        self.engine = Engine(lm, config.engine)
+        self.created = int(time.time())
+
+    # -- request preparation -------------------------------------------------------------------
+    def check_common(self, req: ChatRequest | CompletionRequest) -> list[Steer]:
+        if req.model != self.config.served_name:
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves "
+                                f"{self.config.served_name!r}", param="model",
+                           code="model_not_found")
+        bad = req.unsupported()
+        if bad:
+            raise APIError(400, f"unsupported option(s): {', '.join(bad)} (steerlab does not "
+                                f"implement them; leave them unset)", param=bad[0],
+                           code="unsupported_option")
+        try:
+            return self.registry.resolve(req.steering_specs())
+        except SteerlabError as exc:
+            raise APIError(400, str(exc), param="steering", code="invalid_steering") from exc
+
+    def encode_completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        p: Any = req.prompt
+        tok = self.lm.tokenizer
+        if isinstance(p, str):
+            return [list(tok(p, add_special_tokens=True)["input_ids"])]
+        if not p:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if all(isinstance(x, int) for x in p):
+            return [[int(x) for x in p]]
+        if all(isinstance(x, str) for x in p):
+            return [list(tok(x, add_special_tokens=True)["input_ids"]) for x in p]
+        return [[int(t) for t in x] for x in p]
+
+    def encode_chat(self, req: ChatRequest) -> list[int]:
+        tok = self.lm.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, f"{self.config.served_name} has no chat template (a base "
+                                f"model); use /v1/completions", code="no_chat_template")
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": m.text()} for m in req.messages]
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja2 raises TemplateError for roles it rejects
+            raise APIError(400, f"the model's chat template rejected the messages: {exc}",
+                           param="messages") from exc
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
+        for p in prompts:
+            if not p:
+                raise APIError(400, "a prompt is empty (no tokens)", param="prompt")
+            if len(p) > self.config.max_prompt_tokens:
+                raise APIError(400, f"the prompt has {len(p)} tokens; this server accepts at "
+                                    f"most {self.config.max_prompt_tokens}",
+                               param="prompt", code="context_length_exceeded")
+
+    def max_tokens(self, asked: int | None, prompts: Sequence[Sequence[int]]) -> int:
+        limit = self.config.max_tokens
+        if asked is None:
+            room = (self.engine.max_length or 10**9) - max(len(p) for p in prompts)
+            return max(1, min(limit, room))
+        if asked > limit:
+            raise APIError(400, f"max_tokens is {asked}; this server allows at most {limit}",
+                           param="max_tokens", code="max_tokens_exceeded")
+        return asked
+
+    def submit(self, prompts: Sequence[Sequence[int]], n: int, base: SamplingParams,
+               steers: list[Steer], rid: str) -> list[RequestHandle]:
+        if len(prompts) * n > self.config.max_n:
+            raise APIError(400, f"{len(prompts)} prompt(s) x n={n} choices is over this "
+                                f"server's limit of {self.config.max_n} per request", param="n")
+        loop = asyncio.get_running_loop()
+        handles: list[RequestHandle] = []
+        try:
+            for i, ids in enumerate(prompts):
+                for j in range(n):
+                    seed = None if base.seed is None else base.seed + j
+                    params = SamplingParams(
+                        max_tokens=base.max_tokens, temperature=base.temperature,
+                        top_p=base.top_p, seed=seed, stop=base.stop, ignore_eos=base.ignore_eos)
+                    handles.append(self.engine.submit(ids, params, steers,
+                                                      request_id=f"{rid}-{i * n + j}", loop=loop))
+        except EngineBusy as exc:
+            for h in handles:
+                h.cancel()
+            raise APIError(429, str(exc), type="rate_limit_error", code="queue_full") from exc
+        except EngineClosed as exc:
+            for h in handles:
+                h.cancel()
+            raise APIError(503, str(exc), type="server_error", code="shutting_down") from exc
+        except SteerlabError as exc:
+            for h in handles:
+                h.cancel()
+            raise APIError(400, str(exc)) from exc
+        return handles
+
+
+def _failure(results: Sequence[Completion | Event]) -> APIError | None:
+    """The error to answer with when a choice failed or was cancelled by the server."""
+    for r in results:
+        if r.finish_reason == "error":
+            return APIError(500, r.error or "generation failed", type="server_error",
+                            code="generation_failed")
+        if r.finish_reason == "cancelled":
+            return APIError(503, r.error or "the request was cancelled", type="server_error",
+                            code="cancelled")
+    return None
+
+
+async def _merged(handles: Sequence[RequestHandle]) -> AsyncIterator[tuple[int, Event]]:
+    """Events of several handles as they come, tagged with the handle's index."""
+    if len(handles) == 1:
+        async for event in handles[0].events():
+            yield 0, event
+        return
+    q: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    async def pump(i: int, h: RequestHandle) -> None:
+        async for e in h.events():
+            await q.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        left = len(handles)
+        while left:
+            i, e = await q.get()
+            if e.finish_reason is not None:
+                left -= 1
+            yield i, e
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
+               config: ServerConfig | None = None) -> FastAPI:
+    """Build the FastAPI app; its lifespan starts and stops the engine."""
+    cfg = config or ServerConfig(served_name=lm.info.model_id)
+    server = _Server(lm, registry or ControllerRegistry.empty(), cfg)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.engine.start()
+        log.info({"event": "startup", "model": cfg.served_name,
+                  "controllers": server.registry.names, "max_batch": cfg.engine.max_batch,
+                  "max_queue": cfg.engine.max_queue, "auth": cfg.api_key is not None})
+        try:
+            yield
+        finally:
+            server.engine.close()
+            log.info({"event": "shutdown", **server.engine.counters})
+
+    app = FastAPI(title="steerlab", version=steerlab.__version__, lifespan=lifespan,
+                  docs_url="/docs", redoc_url=None)
+    app.state.server = server
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        parts = []
+        for e in errors[:5]:
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{loc or 'body'}: {e.get('msg')}")
+        first = errors[0] if errors else {}
+        param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        return APIError(422, "invalid request: " + "; ".join(parts), param=param,
+                        code="validation_error").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        response = APIError(exc.status_code, str(exc.detail), type=kind).response()
+        for name, value in (exc.headers or {}).items():  # e.g. Allow on a 405
+            response.headers[name] = value
+        return response
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception({"event": "error", "path": request.url.path})
+        return APIError(500, f"internal error: {type(exc).__name__}",
+                        type="server_error").response()
+
+    async def auth(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+                token.strip().encode(), cfg.api_key.encode()):
+            raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                           type="authentication_error", code="invalid_api_key")
+
+    guarded = [Depends(auth)]
+
+    @app.get("/health", responses={503: {"description": "the engine is not running"}})
+    async def health() -> JSONResponse:
+        ok = server.engine.running
+        body = {"status": "ok" if ok else "stopped", "model": cfg.served_name,
+                **server.engine.stats()}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/v1/models", dependencies=guarded, responses=_ERRORS)
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(server)]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=guarded, responses=_ERRORS)
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != cfg.served_name:
+            raise APIError(404, f"model {model_id!r} does not exist", type="not_found_error",
+                           code="model_not_found")
+        return _model_card(server)
+
+    @app.get("/v1/steering", dependencies=guarded, responses=_ERRORS)
+    async def list_steering() -> dict[str, Any]:
+        return {"object": "list", "model": cfg.served_name,
+                "max_steering_entries": server.registry.max_steers,
+                "scopes": ["last", "all", "generated", "from:P"],
+                "data": [server.registry.controllers[n].describe()
+                         for n in server.registry.names]}
+
+    @app.post("/v1/completions", dependencies=guarded, responses=_ERRORS)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        steers = server.check_common(body)
+        prompts = server.encode_completion_prompts(body)
+        server.check_prompts(prompts)
+        return await _generate("completion", body, prompts, steers, request,
+                               prompt_log=body.prompt)
+
+    @app.post("/v1/chat/completions", dependencies=guarded, responses=_ERRORS)
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        steers = server.check_common(body)
+        prompts = [server.encode_chat(body)]
+        server.check_prompts(prompts)
+        return await _generate("chat", body, prompts, steers, request,
+                               prompt_log=[m.model_dump() for m in body.messages])
+
+    async def _generate(kind: responses.Kind, body: ChatRequest | CompletionRequest,
+                        prompts: list[list[int]], steers: list[Steer], request: Request,
+                        prompt_log: Any) -> Any:
+        asked = body.limit() if isinstance(body, ChatRequest) else body.max_tokens
+        try:
+            base = SamplingParams(max_tokens=server.max_tokens(asked, prompts),
+                                  temperature=body.temperature, top_p=body.top_p,
+                                  seed=body.seed, stop=body.stop_list(),
+                                  ignore_eos=body.ignore_eos)
+        except SteerlabError as exc:
+            raise APIError(400, str(exc)) from exc
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        handles = server.submit(prompts, body.n, base, steers, rid)
+        record: dict[str, Any] = {
+            "event": "request", "id": rid, "endpoint": request.url.path, "stream": body.stream,
+            "model": body.model, "choices": len(handles),
+            "prompt_tokens": sum(len(p) for p in prompts), "max_tokens": base.max_tokens,
+            "temperature": base.temperature, "steering": server.registry.describe_steers(
+                body.steering_specs()),
+            "client": request.client.host if request.client else None,
+        }
+        if cfg.log_prompts:
+            record["prompt"] = prompt_log
+        created = int(time.time())
+        prompt_tokens = sum(len(p) for p in prompts)
+        steering_desc = record["steering"]
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _stream(kind, rid, created, body.model, handles, prompt_tokens, include_usage,
+                        record),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+        started = time.perf_counter()
+        try:
+            results = await _gather(handles, request.is_disconnected)
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        if results is None:  # the client went away; nobody reads this
+            _log_done(record, 499, handles, started)
+            return JSONResponse({}, status_code=499)
+        failure = _failure(results)
+        if failure is not None:
+            _log_done(record, failure.status, handles, started, results, failure.message)
+            raise failure
+        _log_done(record, 200, handles, started, results)
+        return JSONResponse(responses.full_response(kind, rid, created, body.model, results,
+                                                    prompt_tokens, steering_desc),
+                            headers={"X-Request-Id": rid})
+
+    async def _gather(handles: Sequence[RequestHandle],
+                      disconnected: Callable[[], Awaitable[bool]]) -> list[Completion] | None:
+        tasks = [asyncio.ensure_future(h.result()) for h in handles]
+        try:
+            while True:
+                _, pending = await asyncio.wait(tasks, timeout=cfg.disconnect_poll_s)
+                if not pending:
+                    return [t.result() for t in tasks]
+                if await disconnected():
+                    for h in handles:
+                        h.cancel()
+                    return None
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+
+    async def _stream(kind: responses.Kind, rid: str, created: int, model: str,
+                      handles: Sequence[RequestHandle], prompt_tokens: int,
+                      include_usage: bool, record: dict[str, Any]) -> AsyncIterator[str]:
+        started = time.perf_counter()
+        status, message = 200, None
+        finished = False
+        tokens = 0
+        reasons: dict[int, str] = {}
+        try:
+            if kind == "chat":
+                for i in range(len(handles)):
+                    yield responses.sse(responses.chunk(kind, rid, created, model, i, role=True))
+            async for i, event in _merged(handles):
+                tokens += len(event.token_ids)
+                if event.finish_reason is not None:
+                    reasons[i] = event.finish_reason
+                err = _failure([event])
+                if err is not None:
+                    status, message = err.status, err.message
+                    yield responses.sse(responses.error_body(err.message, type=err.type,
+                                                             code=err.code))
+                    for h in handles:
+                        h.cancel()
+                    return
+                if event.text or event.finish_reason is not None:
+                    yield responses.sse(responses.chunk(
+                        kind, rid, created, model, i, text=event.text,
+                        finish_reason=event.finish_reason))
+            if include_usage:
+                yield responses.sse(responses.usage_chunk(kind, rid, created, model,
+                                                          prompt_tokens, tokens))
+            yield responses.sse("[DONE]")
+            finished = True
+        finally:
+            if not finished and status == 200:
+                status = 499  # the client went away mid-stream
+            for h in handles:
+                h.cancel()
+            record = dict(record, completion_tokens=tokens,
+                          finish_reasons=[reasons.get(i) for i in range(len(handles))])
+            _log_done(record, status, handles, started, error=message)
+
+    def _log_done(record: dict[str, Any], status: int, handles: Sequence[RequestHandle],
+                  started: float, results: Sequence[Completion] | None = None,
+                  error: str | None = None) -> None:
+        now = time.perf_counter()
+        out = dict(record, status=status, latency_ms=round(1000 * (now - started), 1))
+        firsts = [h.first_token for h in handles if h.first_token is not None]
+        if firsts:
+            out["ttft_ms"] = round(1000 * (min(firsts) - handles[0].submitted), 1)
+        admitted = [h.admitted for h in handles if h.admitted is not None]
+        if admitted:
+            out["queue_ms"] = round(1000 * (min(admitted) - handles[0].submitted), 1)
+        if results is not None:
+            out["completion_tokens"] = sum(r.completion_tokens for r in results)
+            out["finish_reasons"] = [r.finish_reason for r in results]
+        if error:
+            out["error"] = error
+        log.info(out)
+
+    return app
+
+
+def _model_card(server: _Server) -> dict[str, Any]:
+    info = server.lm.info
+    return {"id": server.config.served_name, "object": "model", "created": server.created,
+            "owned_by": "steerlab", "max_model_len": server.engine.max_length,
+            "steerlab": {**info.as_dict(), "controllers": server.registry.names}}

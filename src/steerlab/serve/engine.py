@@ -1,0 +1,546 @@
+"""A continuous-batching generation engine with per-row steering.
+
+One background thread owns the model and runs a loop of *steps*. At each step it
+
+1. drops the rows whose clients went away (cancelled),
+2. admits waiting requests (up to ``max_batch`` rows in all, and at most
+   ``max_prefill_tokens`` padded prompt tokens per step) and pre-fills them together in one
+   left-padded forward pass, each row under its own controllers and strengths,
+3. merges their KV caches into the running batch (:mod:`steerlab.serve.batch_cache`), and
+4. runs one decode step for every running row, again each row with its own steering.
+
+Finished rows (end of sequence, a stop string, ``max_tokens``) leave the batch after the
+step that finished them, and new requests join at the next step: nobody waits for the whole
+batch to finish (continuous batching at step granularity; pre-fill and decode are separate
+forward passes because a Hugging Face model takes one cache layout per call).
+
+Per-row semantics are the runtime's (:class:`steerlab.runtime.steering` with ``rows=`` and
+explicit prompt lengths): positions are absolute, padding is never steered, a row without
+controllers is computed exactly as an unsteered row, and each row samples with its own
+seeded generator. A request's output therefore does not depend on what else is in the batch
+(up to floating-point reduction order in batched matrix products; ``benchmarks/serve_load.py``
+and the tests check greedy outputs against the same request served alone).
+
+The engine is independent of HTTP: ``submit`` returns a :class:`RequestHandle` whose events can
+be awaited from an asyncio loop or waited for from a plain thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from steerlab.errors import SteeringError, SteerlabError
+from steerlab.models import LoadedModel
+from steerlab.runtime import Steer, check_compatible, steering
+from steerlab.serve.batch_cache import BatchCache, check_layers, new_cache
+from steerlab.serve.sampling import SamplingParams, TextStream, choose_tokens, make_generator
+from steerlab.sites import LayerMap, find_layers
+
+log = logging.getLogger("steerlab.serve.engine")
+
+
+class EngineBusy(SteerlabError):
+    """The engine's waiting queue is full (HTTP 429)."""
+
+
+class EngineClosed(SteerlabError):
+    """The engine was shut down."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Capacity of the engine.
+
+    Args:
+        max_batch: rows decoded together at most.
+        max_queue: requests waiting for a row at most; more are refused (:class:`EngineBusy`).
+        max_prefill_tokens: padded prompt tokens (rows × longest prompt) pre-filled in one
+            step at most, so that a burst of long prompts does not stall running rows for
+            long (one request is always admitted, whatever its length).
+    """
+
+    max_batch: int = 32
+    max_queue: int = 128
+    max_prefill_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_prefill_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise SteeringError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class Event:
+    """What a request produced in one step: a text delta and its token ids, or the end."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    error: str | None = None
+
+
+@dataclass
+class Completion:
+    """The whole result of one request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    error: str | None = None
+    queued_s: float = 0.0  # submission to admission
+    first_token_s: float = 0.0  # submission to first token
+    total_s: float = 0.0  # submission to end
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class RequestHandle:
+    """A submitted request: its events, its result, and a way to cancel it.
+
+    Events go to an asyncio queue when the handle was made for a loop (``events()``,
+    ``result()``), else to a thread-safe queue (``wait()``). Cancel from any thread.
+    """
+
+    def __init__(self, request_id: str, prompt_tokens: int,
+                 loop: asyncio.AbstractEventLoop | None) -> None:
+        self.id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.submitted = time.perf_counter()
+        self.admitted: float | None = None
+        self.first_token: float | None = None
+        self.finished: float | None = None
+        self._loop = loop
+        self._aqueue: asyncio.Queue[Event] | None = asyncio.Queue() if loop else None
+        self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._done = False
+
+    # -- producer side (engine thread) ---------------------------------------------------------
+    def _push(self, event: Event) -> None:
+        if event.token_ids and self.first_token is None:
+            self.first_token = time.perf_counter()
+        if event.finish_reason is not None:
+            self.finished = time.perf_counter()
+        if self._loop is not None and self._aqueue is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
+            except RuntimeError:  # the loop is closed: nobody listens any more
+                self._cancelled.set()
+        else:
+            self._queue.put(event)
+
+    # -- consumer side -------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (idempotent)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The request's events until (and including) the one with a finish reason."""
+        if self._aqueue is None:
+            raise SteeringError("this handle was not made for an event loop; use wait()")
+        while not self._done:
+            event = await self._aqueue.get()
+            if event.finish_reason is not None:
+                self._done = True
+            yield event
+
+    async def result(self) -> Completion:
+        """Await the whole completion."""
+        return self._collect([e async for e in self.events()])
+
+    def wait(self, timeout: float | None = None) -> Completion:
+        """Block until the request finishes (handles made without a loop)."""
+        if self._loop is not None:
+            raise SteeringError("this handle belongs to an event loop; await result()")
+        events: list[Event] = []
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+            try:
+                event = self._queue.get(timeout=left)
+            except queue.Empty as exc:
+                raise TimeoutError(f"request {self.id} did not finish in {timeout} s") from exc
+            events.append(event)
+            if event.finish_reason is not None:
+                return self._collect(events)
+
+    def _collect(self, events: Sequence[Event]) -> Completion:
+        last = events[-1]
+        end = self.finished or time.perf_counter()
+        return Completion(
+            text="".join(e.text for e in events),
+            token_ids=[t for e in events for t in e.token_ids],
+            finish_reason=last.finish_reason or "error",
+            prompt_tokens=self.prompt_tokens,
+            error=last.error,
+            queued_s=(self.admitted or end) - self.submitted,
+            first_token_s=(self.first_token or end) - self.submitted,
+            total_s=end - self.submitted,
+        )
+
+
+@dataclass
+class _Row:
+    handle: RequestHandle
+    prompt_ids: list[int]
+    steers: tuple[Steer, ...]
+    params: SamplingParams
+    stream: TextStream
+    generator: torch.Generator | None
+    next_token: int = -1
+    generated: int = 0
+    done: bool = False
+
+
+class Engine:
+    """Serve generation requests from one model with continuous batching.
+
+    Usage::
+
+        with Engine(lm, EngineConfig(max_batch=16)) as engine:
+            h = engine.submit(ids, SamplingParams(max_tokens=32), steers=[Steer(caa, 4.0)])
+            print(h.wait().text)
+
+    Args:
+        lm: the loaded model (the engine's thread is its only user while it runs).
+        config: capacity (:class:`EngineConfig`).
+        layers: a precomputed layer map (found if omitted).
+    """
+
+    def __init__(self, lm: LoadedModel, config: EngineConfig | None = None, *,
+                 layers: LayerMap | None = None) -> None:
+        self.lm = lm
+        self.config = config or EngineConfig()
+        self.layers = layers if layers is not None else find_layers(lm.model)
+        params = inspect.signature(lm.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._logits_kw = "logits_to_keep" in params
+        self.max_length = _max_length(lm)
+        self.eos_ids = _eos_ids(lm)
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer is not None else None
+        self.pad_id = int(pad) if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
+        self._waiting: deque[_Row] = deque()
+        self._active: list[_Row] = []
+        self._batch = BatchCache(new_cache(), torch.zeros(0, 0, dtype=torch.long))
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._checked_cache = False
+        self._ids = itertools.count(1)
+        self.counters = {"submitted": 0, "completed": 0, "cancelled": 0, "failed": 0,
+                         "rejected": 0, "generated_tokens": 0, "prompt_tokens": 0,
+                         "steps": 0, "prefills": 0}
+
+    # -- life cycle ----------------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Start the engine's thread (idempotent)."""
+        with self._cv:
+            if self._thread is not None:
+                return self
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="steerlab-engine",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the thread; requests still waiting or running end with finish reason
+        ``cancelled``."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        with self._cv:
+            self._thread = None
+            for row in [*self._waiting, *self._active]:
+                row.handle._push(Event(finish_reason="cancelled", error="the server shut down"))
+            self._waiting.clear()
+            self._active = []
+            self._batch = BatchCache(new_cache(), torch.zeros(0, 0, dtype=torch.long))
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- submission ----------------------------------------------------------------------------
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams,
+                      steers: Sequence[Steer] = ()) -> None:
+        """Validate a request without submitting it (raises :class:`SteerlabError`)."""
+        if not prompt_ids:
+            raise SteeringError("the prompt is empty")
+        vocab = _vocab_size(self.lm)
+        bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise SteeringError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if self.max_length is not None and len(prompt_ids) + params.max_tokens > self.max_length:
+            raise SteeringError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                f"exceeds the model's context of {self.max_length} tokens"
+            )
+        for s in steers:
+            if not isinstance(s, Steer):
+                raise SteeringError(f"expected Steer objects, got {type(s).__name__}")
+            check_compatible(s.controller, self.layers, self.lm.info.model_id)
+            s.resolved_scope()
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               steers: Sequence[Steer] = (), *, request_id: str | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue a request. Raises :class:`EngineBusy` when the waiting queue is full,
+        :class:`EngineClosed` when the engine is not running, and
+        :class:`~steerlab.errors.SteerlabError` on an invalid request."""
+        ids = [int(t) for t in prompt_ids]
+        self.check_request(ids, params, steers)
+        rid = request_id or f"req-{next(self._ids)}"
+        handle = RequestHandle(rid, len(ids), loop)
+        row = _Row(
+            handle=handle, prompt_ids=ids, steers=tuple(steers), params=params,
+            stream=TextStream(self.lm.tokenizer, params.stop),
+            generator=None if params.greedy else make_generator(params.seed),
+        )
+        with self._cv:
+            if self._stopping:
+                raise EngineClosed("the engine is shut down")
+            if len(self._waiting) >= self.config.max_queue:
+                self.counters["rejected"] += 1
+                raise EngineBusy(
+                    f"the server is at capacity ({len(self._active)} running, "
+                    f"{len(self._waiting)} waiting); retry later"
+                )
+            self._waiting.append(row)
+            self.counters["submitted"] += 1
+            self._cv.notify_all()
+        return handle
+
+    def stats(self) -> dict[str, Any]:
+        """Running and waiting rows, the batch's cache length and the counters."""
+        with self._cv:
+            return {"running": len(self._active), "waiting": len(self._waiting),
+                    "cache_length": self._batch.length, "max_batch": self.config.max_batch,
+                    "max_queue": self.config.max_queue, **self.counters}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not self._active:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    def step(self) -> bool:
+        """Run one step: drop cancelled rows, admit and pre-fill waiting requests, decode one
+        token for every running row. Returns whether there was anything to do.
+
+        The engine's thread calls this in a loop; call it yourself only on an engine that
+        was not started (deterministic tests and single-threaded use).
+        """
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            raise SteeringError("step() is the engine thread's; this engine is running")
+        with self._cv:
+            admitted = self._admit()
+        if not admitted and not self._active:
+            return False
+        self._drop_cancelled()
+        # A failed forward pass fails the rows it computed, never the server: a failed
+        # pre-fill touches only its own fresh cache, so the running rows go on; a failed
+        # decode step may have left the shared cache half-updated, so its rows all end.
+        if admitted:
+            try:
+                self._prefill(admitted)
+            except Exception as exc:
+                log.exception("pre-fill failed")
+                self._fail_rows(admitted, exc)
+        if self._active:
+            try:
+                self._decode()
+            except Exception as exc:
+                log.exception("decode step failed")
+                self._fail_rows(self._active, exc, reset=True)
+        return True
+
+    def _admit(self) -> list[_Row]:
+        """Take waiting requests that fit (called with the lock held)."""
+        out: list[_Row] = []
+        longest = 0
+        while self._waiting and len(self._active) + len(out) < self.config.max_batch:
+            row = self._waiting[0]
+            if row.handle.cancelled:
+                self._waiting.popleft()
+                self._finish(row, Event(finish_reason="cancelled"))
+                continue
+            width = max(longest, len(row.prompt_ids))
+            if out and width * (len(out) + 1) > self.config.max_prefill_tokens:
+                break
+            self._waiting.popleft()
+            longest = width
+            row.handle.admitted = time.perf_counter()
+            out.append(row)
+        return out
+
+    def _drop_cancelled(self) -> None:
+        if any(r.handle.cancelled for r in self._active):
+            for r in self._active:
+                if r.handle.cancelled:
+                    self._finish(r, Event(finish_reason="cancelled"))
+            self._compact()
+
+    def _forward(self, rows: Sequence[_Row], input_ids: torch.Tensor, mask: torch.Tensor,
+                 cache: Any, prompt_len: Sequence[int]) -> torch.Tensor:
+        model = self.lm.model
+        device = self.lm.device
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids.to(device), "attention_mask": mask.to(device),
+            "position_ids": positions.to(device), self._cache_kw: cache, "use_cache": True,
+        }
+        if self._logits_kw:
+            kwargs["logits_to_keep"] = 1
+        with torch.no_grad():
+            if any(r.steers for r in rows):
+                ctx = steering(self.lm, rows=[list(r.steers) for r in rows], layers=self.layers,
+                               prompt_len=prompt_len)
+                with ctx:
+                    out = model(**kwargs)
+            else:
+                out = model(**kwargs)
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r.prompt_ids)
+            ids[i, width - n:] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, width - n:] = 1
+        cache = new_cache()
+        logits = self._forward(rows, ids, mask, cache, [len(r.prompt_ids) for r in rows])
+        if not self._checked_cache:
+            check_layers(cache)
+            self._checked_cache = True
+        self.counters["prefills"] += 1
+        self.counters["prompt_tokens"] += sum(len(r.prompt_ids) for r in rows)
+        self._batch.extend(BatchCache(cache, mask.to(self._batch.mask.device)))
+        self._active.extend(rows)
+        self._advance(rows, logits)
+        self._compact()
+
+    def _decode(self) -> None:
+        rows = self._active
+        ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long)
+        self._batch.append_step()
+        logits = self._forward(rows, ids, self._batch.mask, self._batch.cache,
+                               [len(r.prompt_ids) for r in rows])
+        self.counters["steps"] += 1
+        self._advance(rows, logits)
+        self._compact()
+
+    def _advance(self, rows: Sequence[_Row], logits: torch.Tensor) -> None:
+        """Sample each row's next token, stream it, and finish the rows that are done."""
+        tokens = choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        for r, token in zip(rows, tokens, strict=True):
+            if token is None:
+                self._finish(r, Event(finish_reason="error", error=(
+                    f"the model produced non-finite logits after {r.generated} tokens; lower "
+                    f"the steering strength")), failed=True)
+                continue
+            if token in self.eos_ids and not r.params.ignore_eos:
+                self._finish(r, Event(text=r.stream.finish(), finish_reason="stop"))
+                continue
+            delta = r.stream.push(token)
+            r.generated += 1
+            self.counters["generated_tokens"] += 1
+            length = len(r.prompt_ids) + r.generated
+            if r.stream.stopped:
+                self._finish(r, Event(text=delta, token_ids=[token], finish_reason="stop"))
+            elif r.generated >= r.params.max_tokens or (
+                    self.max_length is not None and length >= self.max_length):
+                self._finish(r, Event(text=delta + r.stream.finish(), token_ids=[token],
+                                      finish_reason="length"))
+            else:
+                r.next_token = token
+                r.handle._push(Event(text=delta, token_ids=[token]))
+
+    def _finish(self, row: _Row, event: Event, *, failed: bool = False) -> None:
+        row.done = True
+        key = ("failed" if failed else "cancelled" if event.finish_reason == "cancelled"
+               else "completed")
+        self.counters[key] += 1
+        row.handle._push(event)
+
+    def _compact(self) -> None:
+        keep = [i for i, r in enumerate(self._active) if not r.done]
+        if len(keep) != len(self._active):
+            self._batch.select(keep)
+            self._active = [self._active[i] for i in keep]
+
+    def _fail_rows(self, rows: Sequence[_Row], exc: Exception, *, reset: bool = False) -> None:
+        message = str(exc) if isinstance(exc, SteerlabError) else (
+            f"generation failed: {type(exc).__name__}: {exc}")
+        for r in list(rows):
+            if not r.done:
+                self._finish(r, Event(finish_reason="error", error=message), failed=True)
+        if reset:
+            self._active = []
+            self._batch = BatchCache(new_cache(), torch.zeros(0, 0, dtype=torch.long))
+        else:
+            self._compact()
+
+
+def _eos_ids(lm: LoadedModel) -> frozenset[int]:
+    ids: set[int] = set()
+    gen = getattr(lm.model, "generation_config", None)
+    value = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(value, int):
+        ids.add(value)
+    elif isinstance(value, list | tuple):
+        ids.update(int(v) for v in value)
+    tok_eos = getattr(lm.tokenizer, "eos_token_id", None)
+    if isinstance(tok_eos, int):
+        ids.add(tok_eos)
+    return frozenset(ids)
+
+
+def _max_length(lm: LoadedModel) -> int | None:
+    config = lm.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _vocab_size(lm: LoadedModel) -> int:
+    emb = lm.model.get_input_embeddings()
+    return int(emb.weight.shape[0])

@@ -1,0 +1,100 @@
+"""``steerlab serve`` as a real process: start-up, one steered request, logs, shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from steerlab import artifacts
+from steerlab.methods.caa import CAA
+from steerlab.models import load_model
+from steerlab.sites import Site
+from tiny_models import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    lm = build_tiny_model("qwen2", seed=5, chat=True)
+    out = tmp_path_factory.mktemp("tiny-qwen2-serve")
+    lm.model.save_pretrained(out)
+    lm.tokenizer.save_pretrained(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve(folder: Path, controllers: Path, port: int, *extra: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, STEERLAB_API_KEY="k1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "steerlab.cli", "serve", "--model", str(folder),
+         "--controllers", str(controllers), "--port", str(port), "--threads", "1", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_serve_command_end_to_end(folder: Path, tmp_path: Path) -> None:
+    info = load_model(str(folder)).info
+    c = CAA(layers=[1], scope="all")
+    c.set_vectors({Site("resid_post", 1): torch.randn(info.hidden_size)})
+    c.model_info = info
+    artifacts.save(c, tmp_path / "up.safetensors")
+    port = free_port()
+    proc = serve(folder, tmp_path, port, "--max-tokens", "16")
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k1",
+                               max_retries=0)
+        assert [x["id"] for x in client.get("/steering", cast_to=dict)["data"]] == ["up"]
+        r = client.chat.completions.create(
+            model=str(folder), messages=[{"role": "user", "content": "private words"}],
+            max_tokens=6, temperature=0, extra_body={"steering": [{"controller": "up",
+                                                                    "strength": 3}]})
+        assert r.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.BadRequestError, match="at most 16"):
+            client.completions.create(model=str(folder), prompt="x", max_tokens=17)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    requests = [x for x in records if x.get("event") == "request"]
+    assert [x["status"] for x in requests] == [200]
+    assert requests[0]["steering"] == [{"controller": "up", "method": "caa", "strength": 3.0,
+                                        "scope": "all"}]
+    assert "private words" not in err
+    assert any(x.get("event") == "shutdown" for x in records)
+
+
+def test_serve_refuses_controllers_of_another_model(folder: Path, tmp_path: Path) -> None:
+    other = build_tiny_model("llama", seed=1)
+    c = CAA(layers=[1])
+    c.set_vectors({Site("resid_post", 1): torch.randn(32)})
+    c.model_info = type(other.info)("some-other-model", "LlamaForCausalLM", 64, 2, False)
+    artifacts.save(c, tmp_path / "foreign.safetensors")
+    proc = serve(folder, tmp_path, free_port())
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "some-other-model" in err and str(folder) in err.replace("\n", "")

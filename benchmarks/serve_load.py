@@ -13,7 +13,8 @@ generated tokens: two controllers at once), and the same prompts four times with
 steering. Every request is streamed, greedy (temperature 0), ``ignore_eos`` so that every
 response has exactly ``--max-tokens`` tokens and both arms do the same work.
 
-For each client count N (default 1, 8, 32), N closed-loop clients share the pool; the
+For each client count N (default 1, 8, 32), N closed-loop clients share the pool (cycled to
+at least ``--per-client`` requests per client, so that the batch stays full); the
 unsteered and steered arms run back to back, ``--rounds`` times (the order alternates). Reported
 per arm: completion tokens/s (all tokens over the arm's wall time), requests/s, latency and
 time-to-first-content percentiles, and the server's mean rows per decode step; then the
@@ -23,7 +24,7 @@ Leakage check: with one client every request is alone on the server, so the N = 
 are the reference; every response at every other N (and every repeat of an identical
 request) must equal it exactly. Mismatches are printed and the script exits with status 1.
 
-Run: ``python benchmarks/serve_load.py [--clients 1 8 32] [--prompts 16] [--max-tokens 32]``
+Run: ``python benchmarks/serve_load.py [--clients 1 8 32] [--prompts 12] [--max-tokens 32]``
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompts", type=int, default=12, help="distinct prompts in the pool")
+    p.add_argument("--per-client", type=int, default=3,
+                   help="requests per client at least (the pool is cycled to fill it)")
     p.add_argument("--rounds", type=int, default=2,
                    help="rounds per client count (arm order alternates)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per response")
@@ -74,8 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT")
     args = p.parse_args(argv)
-    if min(args.clients) < 1 or min(args.prompts, args.max_tokens, args.rounds) < 1:
-        p.error("--clients, --prompts, --max-tokens and --rounds must be positive")
+    if min(args.clients) < 1 or min(args.prompts, args.max_tokens, args.rounds,
+                                     args.per_client) < 1:
+        p.error("--clients, --prompts, --max-tokens, --per-client and --rounds must be "
+                "positive")
     return args
 
 
@@ -284,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
                 order = list(arms) if (k + r) % 2 == 0 else list(arms)[::-1]
                 for arm in order:
                     before = httpx.get(f"{url}/health").json()
-                    results, wall = asyncio.run(run_load(url, model, arms[arm], n,
-                                                         args.max_tokens))
+                    pool = arms[arm]
+                    jobs = [pool[i % len(pool)]
+                            for i in range(max(len(pool), n * args.per_client))]
+                    results, wall = asyncio.run(run_load(url, model, jobs, n, args.max_tokens))
                     after = httpx.get(f"{url}/health").json()
                     raw.setdefault(f"{arm}@{n}", []).append((results, wall, before, after))
                     short = [x.key for x in results if x.tokens != args.max_tokens]

@@ -187,6 +187,10 @@ class _Server:
             raise APIError(400, str(exc), param="steering", code="invalid_steering") from exc
 
     def encode_completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        with self.engine.tokenizer_lock:
+            return self._encode_completion_prompts(req)
+
+    def _encode_completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p: Any = req.prompt
         tok = self.lm.tokenizer
         if isinstance(p, str):
@@ -206,12 +210,14 @@ class _Server:
                                 f"model); use /v1/completions", code="no_chat_template")
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.text()} for m in req.messages]
-        try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # jinja2 raises TemplateError for roles it rejects
-            raise APIError(400, f"the model's chat template rejected the messages: {exc}",
-                           param="messages") from exc
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+        with self.engine.tokenizer_lock:
+            try:
+                text = tok.apply_chat_template(messages, add_generation_prompt=True,
+                                               tokenize=False)
+            except Exception as exc:  # jinja2 raises TemplateError for roles it rejects
+                raise APIError(400, f"the model's chat template rejected the messages: {exc}",
+                               param="messages") from exc
+            return list(tok(text, add_special_tokens=False)["input_ids"])
 
     def check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
         for p in prompts:

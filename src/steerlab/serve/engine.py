@@ -243,6 +243,10 @@ class Engine:
         self._active: list[_Row] = []
         self._batch = BatchCache(new_cache(), torch.zeros(0, 0, dtype=torch.long))
         self._cv = threading.Condition()
+        # Hugging Face fast tokenizers are Rust objects that raise "Already borrowed" when one
+        # thread reconfigures them (padding, truncation) while another decodes: the engine
+        # decodes under this lock, and whoever encodes for it (the HTTP app) takes it too.
+        self.tokenizer_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._checked_cache = False
@@ -468,6 +472,10 @@ class Engine:
     def _advance(self, rows: Sequence[_Row], logits: torch.Tensor) -> None:
         """Sample each row's next token, stream it, and finish the rows that are done."""
         tokens = choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        with self.tokenizer_lock:
+            self._emit(rows, tokens)
+
+    def _emit(self, rows: Sequence[_Row], tokens: Sequence[int | None]) -> None:
         for r, token in zip(rows, tokens, strict=True):
             if token is None:
                 self._finish(r, Event(finish_reason="error", error=(

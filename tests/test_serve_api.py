@@ -239,6 +239,11 @@ def test_auth(live: str) -> None:
             bad.models.list()
     r = httpx.post(f"{live}/v1/completions", json={"model": "tiny", "prompt": "x"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(f"{live}/v1/completions", content=b"{not json",
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 401  # checked before the body is read
+    r = httpx.get(f"{live}/v1/steering", headers={"Authorization": f"Basic {KEY}"})
+    assert r.status_code == 401
     assert httpx.get(f"{live}/health").status_code == 200  # health needs no key
 
 
@@ -247,6 +252,8 @@ def test_auth(live: str) -> None:
     ({"steering": [{"controller": "nope"}]}, 400, "unknown controller 'nope'"),
     ({"steering": [{"controller": "positive", "strength": 11}]}, 400, "out of bounds"),
     ({"steering": [{"controller": "positive", "scope": "sideways"}]}, 400, "scope"),
+    ({"steering": [{"controller": "positive", "scope": "from:" + "9" * 35}]}, 400,
+     "out of range"),
     ({"steering": [{"controller": "positive"}] * 4}, 400, "at most 3"),
     ({"steering": [{"controller": "positive", "code": "import os"}]}, 422, "code"),
     ({"steering": {"controller": "positive"}}, 422, "steering"),
@@ -288,6 +295,12 @@ def test_malformed_bodies_and_routes(live: str, client: openai.OpenAI) -> None:
         assert "error" in r.json()
     big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 40_000}]}
     r = httpx.post(url, json=big, headers=auth)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit counts what arrives
+        yield json.dumps(big).encode()
+
+    r = httpx.post(url, content=chunks(), headers=auth)
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     r = httpx.get(f"{live}/v1/nothing-here", headers=auth)
     assert r.status_code == 404 and "error" in r.json()
@@ -380,6 +393,9 @@ def test_full_queue_answers_429_and_disconnects_cancel(
     assert results["second"].status_code == 200
     assert results["second"].json()["usage"]["completion_tokens"] == 200
     assert health(url)["rejected"] >= 1
+    r = httpx.post(f"{url}/v1/completions", json={
+        "model": "tiny", "prompt": "word " * 40, "max_tokens": 200})  # context 256
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     # a non-streamed request whose client gives up is cancelled too
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/completions", json={

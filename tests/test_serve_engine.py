@@ -305,3 +305,89 @@ def test_a_failing_prefill_fails_only_its_request() -> None:
     assert b.finish_reason == "error" and "boom" in (b.error or "")
     assert good.wait(0).token_ids == reference(lm, prompt_ids(lm, PROMPTS[0]), [])
     assert engine.counters["failed"] == 1
+
+
+def test_a_group_prefill_failure_is_retried_row_by_row() -> None:
+    """A failing request pre-filled together with a good one fails alone: the group is
+    retried one request at a time."""
+    lm = tiny_model("llama")
+    engine = Engine(lm)
+    boom = Boom(layers=[1])
+    boom.set_vectors({Site("resid_post", 1): torch.zeros(lm.info.hidden_size)})
+    good = engine.submit(prompt_ids(lm, PROMPTS[0]), SamplingParams(max_tokens=NEW))
+    bad = engine.submit(prompt_ids(lm, PROMPTS[2]), SamplingParams(max_tokens=NEW),
+                        [Steer(boom, 1.0)])
+    run_until_done(engine)  # both admitted in the same step
+    assert bad.wait(0).finish_reason == "error"
+    assert good.wait(0).token_ids == reference(lm, prompt_ids(lm, PROMPTS[0]), [])
+
+
+def test_cancelled_waiting_requests_free_their_queue_place() -> None:
+    lm = tiny_model("llama")
+    engine = Engine(lm, EngineConfig(max_batch=1, max_queue=1))
+    ids = prompt_ids(lm, PROMPTS[0])
+    engine.submit(ids, SamplingParams(max_tokens=3))
+    engine.step()  # running
+    gone = engine.submit(ids, SamplingParams(max_tokens=3))  # waiting: the queue is full
+    gone.cancel()
+    kept = engine.submit(ids, SamplingParams(max_tokens=3))  # takes the freed place
+    assert gone.wait(0).finish_reason == "cancelled"
+    run_until_done(engine)
+    assert kept.wait(0).finish_reason == "length"
+
+
+def test_an_unexpected_failure_ends_the_running_rows_and_the_engine_goes_on() -> None:
+    lm = tiny_model("llama")
+    with Engine(lm) as engine:
+        original = engine._drop_cancelled
+        calls = {"n": 0}
+
+        def flaky() -> None:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("out of memory, say")
+            original()
+
+        engine._drop_cancelled = flaky  # type: ignore[method-assign]
+        first = engine.submit(prompt_ids(lm, PROMPTS[0]), SamplingParams(max_tokens=20,
+                                                                         ignore_eos=True))
+        got = first.wait(30)
+        assert got.finish_reason == "error" and "out of memory" in (got.error or "")
+        again = engine.submit(prompt_ids(lm, PROMPTS[1]), SamplingParams(max_tokens=4))
+        assert again.wait(30).token_ids == reference(lm, prompt_ids(lm, PROMPTS[1]), [], 4)
+        assert engine.running
+
+
+def test_tiny_temperatures_decode_greedily() -> None:
+    assert SamplingParams(temperature=1e-9).greedy
+    assert not SamplingParams(temperature=0.01).greedy
+
+
+class _Accents(_CharTokenizer):
+    """Like _CharTokenizer, but tokens 1000 + 1001 together are "é" (1000 alone is half of
+    it, decoded as U+FFFD), as byte-level tokenizers split multi-byte characters."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        out, i = [], 0
+        while i < len(ids):
+            if ids[i] == 1000:
+                done = i + 1 < len(ids) and ids[i + 1] == 1001
+                out.append("é" if done else "\ufffd")
+                i += 2 if done else 1
+            else:
+                out.append(chr(ids[i]))
+                i += 1
+        return "".join(out)
+
+
+def test_non_ascii_stop_strings_do_not_leak() -> None:
+    s = TextStream(_Accents(), stop=("aé",))
+    assert s.push(ord("x")) == "x"
+    assert s.push(ord("a")) == ""  # could start "aé"
+    assert s.push(1000) == ""  # half of é: "a" still held
+    assert s.push(1001) == "" and s.stopped
+    assert s.text == "x"
+    t = TextStream(_Accents(), stop=("aé",))
+    released = [t.push(token) for token in (ord("a"), 1000, ord("b"))]  # a lone half "é"
+    assert released == ["", "", "a\ufffdb"] and not t.stopped
+    assert t.finish() == ""

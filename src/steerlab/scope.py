@@ -29,6 +29,7 @@ import torch
 from steerlab.errors import SteeringError
 
 ScopeKind = Literal["last", "all", "generated", "from"]
+MAX_START = 2**31 - 1  # positions are int64 tensors; no context comes near this
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class TokenScope:
         if self.kind not in ("last", "all", "generated", "from"):
             raise SteeringError(
                 f"unknown token scope {self.kind!r}; use last, all, generated or from:P"
+            )
+        if not isinstance(self.start, int) or abs(self.start) > MAX_START:
+            raise SteeringError(
+                f"scope position {self.start!r} is out of range (|P| <= {MAX_START})"
             )
 
     def __str__(self) -> str:
@@ -81,9 +86,11 @@ def parse_scope(text: str | TokenScope) -> TokenScope:
         return TokenScope(t)  # type: ignore[arg-type]
     if t.startswith("from:"):
         try:
-            return TokenScope("from", int(t[5:]))
+            start = int(t[5:])
         except ValueError:
-            pass
+            start = None
+        if start is not None:
+            return TokenScope("from", start)  # checks the range
     raise SteeringError(
         f"unknown token scope {text!r}; use last, all, generated or from:P (P an integer)"
     )

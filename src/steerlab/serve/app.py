@@ -32,7 +32,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -141,7 +141,10 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _BodyTooLarge
+                    # FastAPI passes an HTTPException raised while it reads the body through
+                    # (anything else becomes a 400 "error parsing the body")
+                    raise StarletteHTTPException(
+                        413, f"request body over the limit of {self.limit} bytes")
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -152,13 +155,49 @@ class BodyLimit:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await too_large.response()(scope, receive, send)
+        except StarletteHTTPException as exc:
+            if exc.status_code != 413 or started:
+                raise
+            await too_large.response()(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class BearerAuth:
+    """ASGI middleware: every ``/v1`` request must carry ``Authorization: Bearer KEY``.
+
+    It answers 401 before the body is read, so a client without the key learns nothing of
+    the API (not even whether its body would validate)."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and str(scope.get("path", "")).startswith("/v1"):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(),
+                                                                         self.key):
+                await APIError(401, "missing or wrong API key (send Authorization: Bearer "
+                                    "KEY)", type="authentication_error",
+                               code="invalid_api_key").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _Stream(StreamingResponse):
+    """A streamed response that cancels its requests however it ends, even if the client
+    went away before the body generator first ran (its ``finally`` would then never run)."""
+
+    def __init__(self, content: AsyncIterator[str], handles: Sequence[RequestHandle],
+                 **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._handles = handles
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for h in self._handles:
+                h.cancel()
 
 
 class _Server:
@@ -236,6 +275,12 @@ class _Server:
         if asked > limit:
             raise APIError(400, f"max_tokens is {asked}; this server allows at most {limit}",
                            param="max_tokens", code="max_tokens_exceeded")
+        context = self.engine.max_length
+        longest = max(len(p) for p in prompts)
+        if context is not None and longest + asked > context:
+            raise APIError(400, f"the prompt ({longest} tokens) plus max_tokens ({asked}) "
+                                f"exceeds the model's context of {context} tokens",
+                           param="max_tokens", code="context_length_exceeded")
         return asked
 
     def submit(self, prompts: Sequence[Sequence[int]], n: int, base: SamplingParams,
@@ -328,6 +373,8 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
                   docs_url="/docs", redoc_url=None)
     app.state.server = server
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
+    if cfg.api_key is not None:  # added last: runs first, before any body is read
+        app.add_middleware(BearerAuth, key=cfg.api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -359,17 +406,6 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
         return APIError(500, f"internal error: {type(exc).__name__}",
                         type="server_error").response()
 
-    async def auth(request: Request) -> None:
-        if cfg.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-                token.strip().encode(), cfg.api_key.encode()):
-            raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
-                           type="authentication_error", code="invalid_api_key")
-
-    guarded = [Depends(auth)]
 
     @app.get("/health", responses={503: {"description": "the engine is not running"}})
     async def health() -> JSONResponse:
@@ -378,18 +414,18 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
                 **server.engine.stats()}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/v1/models", dependencies=guarded, responses=_ERRORS)
+    @app.get("/v1/models", responses=_ERRORS)
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(server)]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=guarded, responses=_ERRORS)
+    @app.get("/v1/models/{model_id:path}", responses=_ERRORS)
     async def get_model(model_id: str) -> dict[str, Any]:
         if model_id != cfg.served_name:
             raise APIError(404, f"model {model_id!r} does not exist", type="not_found_error",
                            code="model_not_found")
         return _model_card(server)
 
-    @app.get("/v1/steering", dependencies=guarded, responses=_ERRORS)
+    @app.get("/v1/steering", responses=_ERRORS)
     async def list_steering() -> dict[str, Any]:
         return {"object": "list", "model": cfg.served_name,
                 "max_steering_entries": server.registry.max_steers,
@@ -397,7 +433,7 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
                 "data": [server.registry.controllers[n].describe()
                          for n in server.registry.names]}
 
-    @app.post("/v1/completions", dependencies=guarded, responses=_ERRORS)
+    @app.post("/v1/completions", responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         steers = server.check_common(body)
         prompts = server.encode_completion_prompts(body)
@@ -405,7 +441,7 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
         return await _generate("completion", body, prompts, steers, request,
                                prompt_log=body.prompt)
 
-    @app.post("/v1/chat/completions", dependencies=guarded, responses=_ERRORS)
+    @app.post("/v1/chat/completions", responses=_ERRORS)
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         steers = server.check_common(body)
         prompts = [server.encode_chat(body)]
@@ -442,9 +478,9 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
         steering_desc = record["steering"]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
+            return _Stream(
                 _stream(kind, rid, created, body.model, handles, prompt_tokens, include_usage,
-                        record),
+                        record), handles,
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
         started = time.perf_counter()

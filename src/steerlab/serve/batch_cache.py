@@ -83,18 +83,25 @@ class BatchCache:
         if self.rows == 0:
             self.cache, self.mask = other.cache, other.mask
             return
-        width = max(self.length, other.length)
-        self.pad_left(width - self.length)
-        other.pad_left(width - other.length)
         mine, theirs = _layers(self.cache), _layers(other.cache)
         if len(mine) != len(theirs):
             raise SteeringError(
                 f"cannot merge caches with {len(mine)} and {len(theirs)} filled layers"
             )
-        for a, b in zip(mine, theirs, strict=True):
-            a.keys = torch.cat([a.keys, b.keys], dim=0)
-            a.values = torch.cat([a.values, b.values], dim=0)
-        self.mask = torch.cat([self.mask, other.mask], dim=0)
+        width = max(self.length, other.length)
+        pa, pb = width - self.length, width - other.length
+
+        def join(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.cat([F.pad(a, (0, 0, pa, 0)), F.pad(b, (0, 0, pb, 0))], dim=0)
+
+        # all new tensors first, then swap them in: a failure (out of memory) leaves this
+        # batch as it was
+        merged = [(join(a.keys, b.keys), join(a.values, b.values))
+                  for a, b in zip(mine, theirs, strict=True)]
+        mask = torch.cat([F.pad(self.mask, (pa, 0)), F.pad(other.mask, (pb, 0))], dim=0)
+        for layer, (keys, values) in zip(mine, merged, strict=True):
+            layer.keys, layer.values = keys, values
+        self.mask = mask
 
     def select(self, keep: Sequence[int]) -> None:
         """Keep only rows ``keep`` (in that order), then trim all-padding columns."""

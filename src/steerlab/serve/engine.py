@@ -331,8 +331,9 @@ class Engine:
             generator=None if params.greedy else make_generator(params.seed),
         )
         with self._cv:
-            if self._stopping:
+            if self._stopping or (self._thread is not None and not self._thread.is_alive()):
                 raise EngineClosed("the engine is shut down")
+            self._purge_cancelled()
             if len(self._waiting) >= self.config.max_queue:
                 self.counters["rejected"] += 1
                 raise EngineBusy(
@@ -359,7 +360,11 @@ class Engine:
                     self._cv.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # a bug outside the forward passes: end the running
+                log.exception("engine step failed")  # rows, keep serving the queue
+                self._fail_rows(self._active, exc, reset=True)
 
     def step(self) -> bool:
         """Run one step: drop cancelled rows, admit and pre-fill waiting requests, decode one
@@ -374,34 +379,56 @@ class Engine:
             admitted = self._admit()
         if not admitted and not self._active:
             return False
-        self._drop_cancelled()
-        # A failed forward pass fails the rows it computed, never the server: a failed
-        # pre-fill touches only its own fresh cache, so the running rows go on; a failed
-        # decode step may have left the shared cache half-updated, so its rows all end.
-        if admitted:
-            try:
-                self._prefill(admitted)
-            except Exception as exc:
+        try:
+            self._drop_cancelled()
+            self._prefill_guarded(admitted)
+            if self._active:
+                try:
+                    self._decode()
+                except Exception as exc:
+                    log.exception("decode step failed")
+                    self._fail_rows(self._active, exc, reset=True)
+        except Exception as exc:  # outside the forward passes (a cache copy out of memory)
+            log.exception("engine step failed")
+            self._fail_rows([*admitted, *self._active], exc, reset=True)
+        return True
+
+    def _prefill_guarded(self, admitted: list[_Row]) -> None:
+        """Pre-fill the admitted rows; a failure fails only the requests that caused it.
+
+        A failed pre-fill touches only its own fresh cache (the merge into the running batch
+        is all-or-nothing), so the running rows go on; a group that failed together is
+        retried one request at a time, so that only the culprit fails. (A failed decode step
+        may have left the shared cache half-updated, so its rows all end: see ``step``.)
+        """
+        if not admitted:
+            return
+        try:
+            self._prefill(admitted)
+            return
+        except Exception as exc:
+            if len(admitted) == 1:
                 log.exception("pre-fill failed")
                 self._fail_rows(admitted, exc)
-        if self._active:
+                return
+            log.warning("pre-fill of %d requests failed (%s); retrying one by one",
+                        len(admitted), exc)
+        for row in admitted:
+            if row.done or row in self._active:
+                continue
             try:
-                self._decode()
-            except Exception as exc:
-                log.exception("decode step failed")
-                self._fail_rows(self._active, exc, reset=True)
-        return True
+                self._prefill([row])
+            except Exception as one:
+                log.exception("pre-fill failed")
+                self._fail_rows([row], one)
 
     def _admit(self) -> list[_Row]:
         """Take waiting requests that fit (called with the lock held)."""
         out: list[_Row] = []
         longest = 0
+        self._purge_cancelled()
         while self._waiting and len(self._active) + len(out) < self.config.max_batch:
             row = self._waiting[0]
-            if row.handle.cancelled:
-                self._waiting.popleft()
-                self._finish(row, Event(finish_reason="cancelled"))
-                continue
             width = max(longest, len(row.prompt_ids))
             if out and width * (len(out) + 1) > self.config.max_prefill_tokens:
                 break
@@ -410,6 +437,14 @@ class Engine:
             row.handle.admitted = time.perf_counter()
             out.append(row)
         return out
+
+    def _purge_cancelled(self) -> None:
+        """End the waiting requests whose clients went away (called with the lock held), so
+        that they hold no place in the queue."""
+        if any(r.handle.cancelled for r in self._waiting):
+            for r in [r for r in self._waiting if r.handle.cancelled]:
+                self._finish(r, Event(finish_reason="cancelled"))
+            self._waiting = deque(r for r in self._waiting if not r.done)
 
     def _drop_cancelled(self) -> None:
         if any(r.handle.cancelled for r in self._active):

@@ -22,6 +22,7 @@ import torch
 from steerlab.errors import SteeringError
 
 _REPLACEMENT = "\ufffd"
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or one so small that dividing logits by it would overflow."""
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -129,11 +131,10 @@ class TextStream:
             if cut is not None:
                 self.stopped = True
                 return self._release(full[:cut])
-        safe = len(full)
-        if full.endswith(_REPLACEMENT):
-            safe = len(full.rstrip(_REPLACEMENT))
-        safe = min(safe, len(full) - self._stop_prefix(full))
-        return self._release(full[:safe])
+        # an incomplete character (U+FFFD for now) waits, and so does any tail that could
+        # still grow into a stop string (checked on the text before that character)
+        base = full.rstrip(_REPLACEMENT)
+        return self._release(base[: len(base) - self._stop_prefix(base)])
 
     def finish(self) -> str:
         """The text still held back, released at the end of generation."""

@@ -9,18 +9,14 @@ import pytest
 from typer.testing import CliRunner
 
 from steerlab.cli import app
-from tiny_models import build_tiny_model
+from tiny_models import save_tiny_model
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    lm = build_tiny_model("qwen2", seed=2, chat=True)
-    out = tmp_path_factory.mktemp("tiny-qwen2")
-    lm.model.save_pretrained(out)
-    lm.tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_model("qwen2", 2, tmp_path_factory.mktemp("tiny-qwen2"))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from steerlab.cli import app
-from tiny_models import build_tiny_model
+from tiny_models import save_tiny_model
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -18,11 +18,7 @@ SMALL = ["--n-test", "3", "--max-new-tokens", "3"]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    lm = build_tiny_model("llama", seed=3, chat=True)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    lm.model.save_pretrained(out)
-    lm.tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_model("llama", 3, tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_sweep_resume_compare_and_report(folder: Path, tmp_path: Path) -> None:

@@ -20,16 +20,12 @@ from steerlab import artifacts
 from steerlab.methods.caa import CAA
 from steerlab.models import load_model
 from steerlab.sites import Site
-from tiny_models import build_tiny_model
+from tiny_models import build_tiny_model, save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    lm = build_tiny_model("qwen2", seed=5, chat=True)
-    out = tmp_path_factory.mktemp("tiny-qwen2-serve")
-    lm.model.save_pretrained(out)
-    lm.tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_model("qwen2", 5, tmp_path_factory.mktemp("tiny-qwen2-serve"))
 
 
 def free_port() -> int:

@@ -10,16 +10,12 @@ import torch
 from steerlab import models
 from steerlab.errors import ModelLoadError, SiteError
 from steerlab.models import load_model, wrap_model
-from tiny_models import build_tiny_model
+from tiny_models import build_tiny_model, save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    lm = build_tiny_model("llama", seed=5, chat=True)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model("llama", 5, tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_load_local_folder(tiny_folder: Path) -> None:

@@ -12,6 +12,7 @@ must not change its weights (hooks are fine; steerlab removes its own).
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,3 +134,11 @@ def build_tiny_model(
 def tiny_model(arch: str, seed: int = 0, *, chat: bool = False) -> LoadedModel:
     """A cached tiny model: shared between tests, do not change its weights."""
     return build_tiny_model(arch, seed, chat=chat)
+
+
+def save_tiny_model(arch: str, seed: int, folder: Path, *, chat: bool = True) -> Path:
+    """Save a fresh tiny model and its tokenizer as a Hugging Face folder (for the CLI)."""
+    lm = build_tiny_model(arch, seed, chat=chat)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder

@@ -463,10 +463,11 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
         handles = server.submit(prompts, body.n, base, steers, rid)
+        prompt_tokens = sum(len(p) for p in prompts)
         record: dict[str, Any] = {
             "event": "request", "id": rid, "endpoint": request.url.path, "stream": body.stream,
             "model": body.model, "choices": len(handles),
-            "prompt_tokens": sum(len(p) for p in prompts), "max_tokens": base.max_tokens,
+            "prompt_tokens": prompt_tokens, "max_tokens": base.max_tokens,
             "temperature": base.temperature, "steering": server.registry.describe_steers(
                 body.steering_specs()),
             "client": request.client.host if request.client else None,
@@ -474,7 +475,6 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
         if cfg.log_prompts:
             record["prompt"] = prompt_log
         created = int(time.time())
-        prompt_tokens = sum(len(p) for p in prompts)
         steering_desc = record["steering"]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -454,10 +454,10 @@ class Engine:
             self._compact()
 
     def _forward(self, rows: Sequence[_Row], input_ids: torch.Tensor, mask: torch.Tensor,
-                 cache: Any, prompt_len: Sequence[int]) -> torch.Tensor:
+                 positions: torch.Tensor, cache: Any,
+                 prompt_len: Sequence[int]) -> torch.Tensor:
         model = self.lm.model
         device = self.lm.device
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         kwargs: dict[str, Any] = {
             "input_ids": input_ids.to(device), "attention_mask": mask.to(device),
             "position_ids": positions.to(device), self._cache_kw: cache, "use_cache": True,
@@ -483,7 +483,9 @@ class Engine:
             ids[i, width - n:] = torch.tensor(r.prompt_ids, dtype=torch.long)
             mask[i, width - n:] = 1
         cache = new_cache()
-        logits = self._forward(rows, ids, mask, cache, [len(r.prompt_ids) for r in rows])
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # padding: any position, masked
+        logits = self._forward(rows, ids, mask, positions, cache,
+                               [len(r.prompt_ids) for r in rows])
         if not self._checked_cache:
             check_layers(cache)
             self._checked_cache = True
@@ -498,8 +500,8 @@ class Engine:
         rows = self._active
         ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long)
         self._batch.append_step()
-        logits = self._forward(rows, ids, self._batch.mask, self._batch.cache,
-                               [len(r.prompt_ids) for r in rows])
+        logits = self._forward(rows, ids, self._batch.mask, self._batch.next_positions(),
+                               self._batch.cache, [len(r.prompt_ids) for r in rows])
         self.counters["steps"] += 1
         self._advance(rows, logits)
         self._compact()

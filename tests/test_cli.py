@@ -176,3 +176,48 @@ def test_sae_train_fit_sas_and_features(folder: Path, data: Path, tmp_path: Path
                             "--out", str(tmp_path / "bad.safetensors")])
     assert r.exit_code == 2 and "resid_post.1" in r.output
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Unpaired positive and negative texts (the A-LQR paper's D+ / D− prompt sets)."""
+    path = tmp_path_factory.mktemp("data") / "labelled.jsonl"
+    rows = [{"text": t, "label": 1} for t in ("What a lovely day.", "I love it.", "Great fun.")]
+    rows += [{"text": t, "label": 0} for t in ("What an awful day.", "I hate it.", "Dull.")]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("method", ["alqr", "spid"])
+def test_lfs_on_a_labelled_file_with_the_paper_preset(folder: Path, labelled: Path,
+                                                      tmp_path: Path, method: str) -> None:
+    """``--data`` a labelled file for the LFS family; ``--preset paper`` sets the paper's
+    values (a flag given on the command line overrides them) and ``inspect`` shows it."""
+    from steerlab import artifacts
+
+    art = tmp_path / f"{method}.safetensors"
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", method, "--data",
+                            str(labelled), "--preset", "paper", "--lambda", "2", "--out",
+                            str(art)])
+    assert r.exit_code == 0, r.output
+    meta = artifacts.read_metadata(art)
+    hp = meta["hyperparameters"]
+    assert hp["recipe"] == "last" and hp["lambdas"] == [2.0]
+    if method == "alqr":
+        assert (hp["q"], hp["r"], hp["q_f"], hp["n_jacobian_prompts"]) == (0.1, 3.0, 0.1, 50)
+    else:
+        assert (hp["kp"], hp["ki"], hp["kd"], hp["reset_every"]) == (0.7, 0.01, 0.1, 10)
+    assert meta["fit"]["preset"]["name"] == "paper"
+    assert meta["fit"]["preset"]["overrides"] == ["lambdas"]
+    r = runner.invoke(app, ["inspect", str(art)])
+    assert r.exit_code == 0 and "preset" in r.output and "paper" in r.output, r.output
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", method, "--data",
+                            str(labelled), "--recipe", "mean", "--out", str(art)])
+    assert r.exit_code == 2 and "recipe" in r.output
+
+
+def test_a_preset_a_method_does_not_have_is_refused(folder: Path, data: Path,
+                                                    tmp_path: Path) -> None:
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", "repe", "--data",
+                            str(data), "--preset", "paper", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "no preset 'paper' for repe" in r.output, r.output

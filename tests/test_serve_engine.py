@@ -391,3 +391,40 @@ def test_non_ascii_stop_strings_do_not_leak() -> None:
     released = [t.push(token) for token in (ord("a"), 1000, ord("b"))]  # a lone half "é"
     assert released == ["", "", "a\ufffdb"] and not t.stopped
     assert t.finish() == ""
+
+
+def test_spid_state_is_carried_per_request() -> None:
+    """S-PID carries each row's last-block error into its next forward pass: the engine,
+    which runs every step in its own steering context, keeps that state per request, so
+    rows joining a running batch and leaving it each equal their prompt generated alone."""
+    from steerlab.methods import SPID
+
+    lm = tiny_model("llama")
+    c = SPID(kp=0.5, ki=0.3, kd=0.8)
+    g = torch.Generator().manual_seed(7)
+    v = torch.randn(1, lm.info.num_layers, lm.info.hidden_size, generator=g)
+    c.set_setpoint(v / v.norm(dim=-1, keepdim=True), torch.rand(1, lm.info.num_layers,
+                                                                generator=g) * 3 + 1)
+    c.model_info = lm.info
+    mix = [[Steer(c, 2.0)], [], [Steer(c, -1.5)], [Steer(c, 1.0)]]
+    engine = Engine(lm, EngineConfig(max_batch=4))
+    handles = [engine.submit(prompt_ids(lm, PROMPTS[i]), SamplingParams(max_tokens=NEW),
+                             mix[i]) for i in range(2)]
+    engine.step()
+    engine.step()
+    handles += [engine.submit(prompt_ids(lm, PROMPTS[i]), SamplingParams(max_tokens=NEW),
+                              mix[i]) for i in range(2, 4)]
+    run_until_done(engine)
+    for i, h in enumerate(handles):
+        assert h.wait(0).token_ids == reference(lm, prompt_ids(lm, PROMPTS[i]), mix[i]), i
+    # and the carried state matters: with the rows' carry dropped, steered rows differ
+    engine = Engine(lm, EngineConfig(max_batch=4))
+    lost = [engine.submit(prompt_ids(lm, PROMPTS[i]), SamplingParams(max_tokens=NEW), mix[i])
+            for i in (0, 2)]
+    for _ in range(200):
+        for r in engine._active:
+            r.carry.clear()
+        if not engine.step():
+            break
+    got = [h.wait(0).token_ids for h in lost]
+    assert got != [reference(lm, prompt_ids(lm, PROMPTS[i]), mix[i]) for i in (0, 2)]

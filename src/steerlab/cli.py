@@ -100,10 +100,38 @@ def demo(
 
 
 BASELINES = ("iti", "repe", "probe", "mean_act", "linear_act", "mimic", "angular")
+LFS_METHODS = ("alqr", "alqr_plus", "spid", "actadd_lfs")
+# CLI option name -> hyper-parameter name where they differ
+_OPTION_HP = {"lam": "lambdas", "keep_k": "keep_K"}
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """Hyper-parameter names the user gave on the command line (not left at defaults)."""
+    out = set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)  # typer's own (vendored) click enum: by name
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            out.add(_OPTION_HP.get(name, name))
+    if "layers" in out:
+        out.add("layer")
+    return out
+
+
+def _make(cls: Any, preset: str | None, given: set[str], **kw: Any) -> Any:
+    """Construct ``cls``: plainly, or from ``preset`` where the flags the user gave (and
+    the ones the preset does not set) override the preset's values."""
+    if preset is None:
+        return cls(**kw)
+    if preset not in cls.presets:
+        known = ", ".join(sorted(cls.presets)) or "none"
+        raise SteerlabError(f"{cls.method} has no preset {preset!r} (presets: {known})")
+    hp = cls.presets[preset].hyperparameters
+    return cls.from_preset(preset, **{k: v for k, v in kw.items() if k in given or k not in hp})
 
 
 def _fit_baseline(lm: Any, method: str, data: str, limit: int, layer_list: list[int],
-                  recipe: str, scope: str, **opts: Any) -> Any:
+                  recipe: str, scope: str, preset: str | None = None,
+                  given: frozenset[str] | set[str] = frozenset(), **opts: Any) -> Any:
     """Fit one of the issue-7 baselines (ITI, RepE, probe, Mean-/Linear-AcT, MiMiC, angular)."""
     from steerlab.data import ContrastiveSet, LabeledSet, load_dataset, sentiment_pairs
     from steerlab.fitting import fit_angular, fit_contrastive, fit_iti
@@ -127,7 +155,8 @@ def _fit_baseline(lm: Any, method: str, data: str, limit: int, layer_list: list[
         recipe = "last"
     kw: dict[str, Any] = {"recipe": recipe, "scope": scope}
     if method == "iti":
-        return fit_iti(lm, dataset, ITI(top_k=opts["top_k"], alpha=opts["alpha"], **kw))
+        return fit_iti(lm, dataset, _make(ITI, preset, set(given), top_k=opts["top_k"],
+                                          alpha=opts["alpha"], **kw))
     if method == "angular":
         return fit_angular(lm, dataset, AngularSteering(
             layers=layer_list, angle=opts["angle"], adaptive=opts["adaptive"], **kw))
@@ -143,6 +172,7 @@ def _fit_baseline(lm: Any, method: str, data: str, limit: int, layer_list: list[
 
 @app.command()
 def fit(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="artifact path (.safetensors)")],
     model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
     method: Annotated[str, typer.Option(help="caa, actadd, alqr, alqr_plus, spid, actadd_lfs, "
@@ -154,7 +184,12 @@ def fit(
         "sentiment"
     ),
     layers: Annotated[str, typer.Option(help="comma-separated block indices")] = str(DEMO_LAYER),
-    recipe: Annotated[str, typer.Option(help="CAA: ab, last or mean")] = "mean",
+    recipe: Annotated[str | None, typer.Option(
+        help="which token the fit reads: ab, last or mean (default: last for the A-LQR "
+             "family, the reference's; mean otherwise)")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="'paper': every hyper-parameter at the paper's values as its reference code uses "
+             "them (alqr, alqr_plus, spid, odesteer, iti, caa); flags given override it")] = None,
     scope: Annotated[str, typer.Option(help="default token scope")] = DEMO_SCOPE,
     positive: Annotated[str, typer.Option(help="ActAdd positive prompt")] = "Love",
     negative: Annotated[str, typer.Option(help="ActAdd negative prompt")] = "Hate",
@@ -189,6 +224,16 @@ def fit(
         from steerlab.methods import CAA, ActAdd
 
         layer_list = [int(x) for x in layers.split(",") if x.strip()]
+        given = _given(ctx)
+        if preset is not None:
+            from steerlab.methods import METHODS
+
+            known = sorted(m for m, c in METHODS.items() if preset in c.presets)
+            if method not in known:
+                raise SteerlabError(f"no preset {preset!r} for {method}; it exists for "
+                                    f"{', '.join(known) or 'no method'}")
+        if recipe is None:
+            recipe = "last" if method in LFS_METHODS else "mean"
         lm = _load(model)
         if method == "caa":
             dataset = sentiment_pairs() if data == "sentiment" else load_dataset(data)
@@ -197,8 +242,8 @@ def fit(
             if limit:
                 dataset = dataset[:limit]
             controller: Any = fit_caa(
-                lm, dataset, CAA(layers=layer_list, recipe=recipe, scope=scope)  # type: ignore[arg-type]
-            )
+                lm, dataset, _make(CAA, preset, given, layers=layer_list, recipe=recipe,
+                                   scope=scope))
         elif method == "actadd":
             controller = fit_actadd(
                 lm, ActAdd(layer=layer_list[0], positive=positive, negative=negative, scope=scope)
@@ -208,21 +253,21 @@ def fit(
             from steerlab.methods import SPID, ActAddLFS, ALQRPlus
             from steerlab.methods.alqr import ALQR
 
-            dataset = sentiment_pairs() if data == "sentiment" else load_dataset(data)
-            if not isinstance(dataset, ContrastiveSet):
-                raise SteerlabError(f"{data} is a labelled set; {method} needs contrastive pairs")
+            # contrastive pairs, or a labelled file: the paper's unpaired D+ / D− prompt sets
+            lfs_data = sentiment_pairs() if data == "sentiment" else load_dataset(data)
             if limit:
-                dataset = dataset[:limit]
+                lfs_data = lfs_data[:limit]
             lfs_kw: dict[str, Any] = {"lambdas": lam, "recipe": recipe}
             if method in ("alqr", "alqr_plus"):
                 cls = ALQR if method == "alqr" else ALQRPlus
-                controller = fit_alqr(lm, dataset, cls(q=q, r=r, q_f=q_f, keep_K=keep_k,
-                                                       **lfs_kw))
+                controller = fit_alqr(lm, lfs_data, _make(cls, preset, given, q=q, r=r,
+                                                          q_f=q_f, keep_K=keep_k, **lfs_kw))
             elif method == "spid":
-                controller = fit_lfs_baseline(lm, dataset, SPID(**lfs_kw))
+                controller = fit_lfs_baseline(lm, lfs_data, _make(SPID, preset, given,
+                                                                  **lfs_kw))
             else:
-                controller = fit_lfs_baseline(lm, dataset, ActAddLFS(layers=layer_list,
-                                                                    **lfs_kw))
+                controller = fit_lfs_baseline(lm, lfs_data, _make(
+                    ActAddLFS, preset, given, layers=layer_list, **lfs_kw))
         elif method in ("odesteer", "step_odesteer"):
             from steerlab.fitting import fit_odesteer
             from steerlab.methods import ODESteer, StepODESteer
@@ -231,8 +276,8 @@ def fit(
             if limit:
                 dataset_any = dataset_any[:limit]
             ode_cls = ODESteer if method == "odesteer" else StepODESteer
-            controller = fit_odesteer(lm, dataset_any, ode_cls(layer=layer_list[0],
-                                                               scope=scope))
+            controller = fit_odesteer(lm, dataset_any, _make(
+                ode_cls, preset, given, layer=layer_list[0], scope=scope))
         elif method == "innsteer":
             from steerlab.fitting import fit_innsteer
             from steerlab.methods import INNSteer
@@ -259,7 +304,8 @@ def fit(
                 embed_sae=embed_sae, scope=scope))
         elif method in BASELINES:
             controller = _fit_baseline(lm, method, data, limit, layer_list, recipe, scope,
-                                       top_k=top_k, alpha=alpha, variant=variant, angle=angle,
+                                       preset=preset, given=given, top_k=top_k, alpha=alpha,
+                                       variant=variant, angle=angle,
                                        adaptive=adaptive, reg=reg)
         else:
             raise SteerlabError(
@@ -340,6 +386,10 @@ def inspect(artifact: Annotated[Path, typer.Argument(help="a .safetensors artifa
                     "library_version", "created"):
             value = meta.get(key)
             table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+            if key == "hyperparameters":
+                fit_meta = meta.get("fit")
+                chosen = fit_meta.get("preset") if isinstance(fit_meta, dict) else None
+                table.add_row("preset", json.dumps(chosen) if chosen else "none")
         with safe_open(str(artifact), framework="pt") as f:
             shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         table.add_row("tensors", json.dumps(shapes))

@@ -154,6 +154,11 @@ class steering:
         layers: a precomputed :class:`~steerlab.sites.LayerMap` (found if omitted).
         prompt_len: real prompt length of each row, if the first forward pass of the context
             is not the prompt (e.g. when the caller pre-fills the cache itself).
+        carry: one dict per row for the state a controller carries from one forward pass
+            to the next (:attr:`~steerlab.methods.base.StepContext.carry`), for a caller
+            that runs each forward pass in its own context (the server keeps one per
+            request). By default the context makes fresh ones at its first forward pass, so
+            nothing carries over between contexts (one context per generate call).
     """
 
     def __init__(
@@ -164,6 +169,7 @@ class steering:
         rows: Sequence[Steer | Sequence[Steer] | None] | None = None,
         layers: LayerMap | None = None,
         prompt_len: Sequence[int] | None = None,
+        carry: Sequence[dict[Any, Any]] | None = None,
     ) -> None:
         self.model, info = _unwrap(lm)
         self.model_name = info.model_id if info is not None else type(self.model).__name__
@@ -206,6 +212,8 @@ class steering:
         self._prompt_len_given = (
             torch.tensor(list(prompt_len), dtype=torch.long) if prompt_len is not None else None
         )
+        self._carry_given = list(carry) if carry is not None else None
+        self._carry: list[dict[Any, Any]] | None = None
         self._handles: list[RemovableHandle] = []
         self._positions: torch.Tensor | None = None
         self._prompt_len: torch.Tensor | None = None
@@ -268,8 +276,16 @@ class steering:
                 self._prompt_len = self._prompt_len_given.to(device)
             else:
                 self._prompt_len = positions.max(dim=1).values + 1
+        if self._carry_given is not None:
+            if len(self._carry_given) != batch:
+                raise SteeringError(
+                    f"carry has {len(self._carry_given)} entries for a batch of {batch}")
+            self._carry = self._carry_given
+        elif self._carry is None or len(self._carry) != batch:
+            self._carry = [{} for _ in range(batch)]
         self._positions = positions
-        self._ctx = StepContext(positions=positions, prompt_len=self._prompt_len, reads={})
+        self._ctx = StepContext(positions=positions, prompt_len=self._prompt_len, reads={},
+                                carry=self._carry)
         self._plan_groups(batch, device)
 
     def _plan_groups(self, batch: int, device: torch.device) -> None:
@@ -350,6 +366,7 @@ class steering:
             prompt_len=ctx.prompt_len[b_idx],
             reads=cast(dict[Site, torch.Tensor], _GatheredReads(ctx.reads, sel)),
             scratch=ctx.scratch.setdefault(("gathered", id(g)), {}),
+            carry=[ctx.carry[i] for i in b_idx.tolist()] if ctx.carry is not None else None,
         )
         h_sel = h[sel][:, None, :]
         new = g.controller.steer(site, h_sel, strengths[b_idx], sub)
@@ -431,6 +448,7 @@ class steering:
         self._handles = []
         self._positions = None
         self._prompt_len = None
+        self._carry = None
         self._ctx = None
         self._plan = {}
 

@@ -14,6 +14,16 @@ e_k = z̄_{k,+} − z̄_{k,−}, μ_k = ‖e_k‖, v_k = e_k/μ_k, target β*_k 
 (and per position), the error is α_k = β*_k − v_kᵀz_k; the reference state is the nearest
 point on {z : v_kᵀz = β*_k}, so the deviation is δz_k = −α_k v_k.
 
+**Where the LFS is read** (``recipe``). The reference reads every block input at the *last
+token* of each text (lqr-activation-steering ``steer/data_handling.py`` L228-260:
+``self.X[:, :, -1, :]`` of one prefill pass, left padding), so ``recipe="last"`` is the
+default of A-LQR, A-LQR+, S-PID and ActAdd-LFS: the last token of prompt + completion for a
+contrastive set, of the text for a labelled (unpaired) set, as the paper's D+ / D− prompt
+sets. ``"mean"`` (the completion's mean) and ``"ab"`` (the A/B answer letter) are steerlab's
+options; they change both v_k and the absolute target λμ_k, so the paper's λ does not
+transfer to them. A block whose class means coincide (μ_k = 0: block 0 at the last token
+when every text ends in the same token) gets v_k = 0, β*_k = 0, as in the reference.
+
 **Linearisation.** A_k = ∂[φ_k(Z_k)]_last/∂(z_k)_last, averaged over unsteered forward passes
 of positive-class texts (:mod:`steerlab.control.jacobians`; ours perturbs only the last row
 against the context's cached keys/values instead of reverse mode over the whole block).
@@ -40,13 +50,20 @@ Defaults (spec section 7): q = 0.1, r = 3, q_f = 0.1 (Gemma-2-2B toxicity); λ =
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import Controller, StepContext, check_finite, check_positive
+from steerlab.methods.base import (
+    Controller,
+    Preset,
+    StepContext,
+    check_finite,
+    check_positive,
+)
 from steerlab.scope import parse_scope
 from steerlab.sites import Site
 
@@ -58,8 +75,15 @@ def linear_feature_setpoint(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LFS directions and gaps from block-input activations ``(N, L, d)`` of each class.
 
-    Returns ``v`` (L, d), unit rows, and ``mu`` (L,). Raises :class:`DataError` where the
-    class means coincide (μ_k = 0): there is no feature to steer there.
+    Returns ``v`` (L, d), unit rows, and ``mu`` (L,). Where the class means coincide
+    (μ_k = 0, e.g. block 0 read at the last token of texts that all end in the same token),
+    the reference sets v_k = 0 and β*_k = 0 and goes on (lqr-activation-steering
+    ``steer/steering.py`` L428-436, ``steer/PIDsteering.py`` L376-385), so that block gets
+    no control: ours does the same and warns once naming those blocks. It raises
+    :class:`DataError` only when every block is degenerate. "Coincide" is a relative test
+    (μ_k ≤ 1e-7 · max_j μ_j) rather than the reference's ``== 0``: with unequal class sizes
+    the means of identical rows can differ by rounding, and the reference would then steer
+    along that rounding noise.
     """
     if positive.ndim != 3 or negative.ndim != 3 or positive.shape[1:] != negative.shape[1:]:
         raise DataError(
@@ -73,13 +97,22 @@ def linear_feature_setpoint(
     e = positive.to(torch.float32).mean(0) - negative.to(torch.float32).mean(0)
     mu = e.norm(dim=-1)
     scale = float(mu.max()) if mu.numel() else 0.0
-    flat = (mu <= 1e-7 * max(scale, 1e-30)).nonzero().flatten().tolist()
-    if flat:
+    flat_mask = mu <= 1e-7 * max(scale, 1e-30)
+    flat = flat_mask.nonzero().flatten().tolist()
+    if len(flat) == mu.numel():
         raise DataError(
-            f"the class means coincide at block input(s) {flat} (μ_k = 0): the contrastive set "
-            f"does not separate the classes there; check that positives and negatives differ"
+            "the class means coincide at every block input (μ_k = 0): the contrastive set "
+            "does not separate the classes anywhere; check that positives and negatives differ"
         )
-    return e / mu[:, None], mu
+    if flat:
+        warnings.warn(
+            f"the class means coincide at block input(s) {flat} (μ_k = 0); as in the reference "
+            f"code, those blocks get v_k = 0 and β*_k = 0 (no control)",
+            UserWarning, stacklevel=3,
+        )
+    mu = torch.where(flat_mask, torch.zeros_like(mu), mu)
+    v = torch.where(flat_mask[:, None], torch.zeros_like(e), e / mu.clamp_min(1e-30)[:, None])
+    return v, mu
 
 
 class LFSController(Controller):
@@ -186,11 +219,23 @@ class ALQR(LFSController):
         lambdas: LFS scale λ per concept (target β*_k = λ·μ_k).
         n_jacobian_prompts: positive-class texts whose Jacobians are averaged (fit helper).
         max_tokens: truncation of those texts (24 as in the paper).
+        recipe: where the LFS reads each text: ``last`` (the reference's), ``mean`` or ``ab``.
         keep_K: keep the full gains K (L, d, d) in memory and in artifacts.
         scope: default token scope (``last`` for A-LQR, ``all`` for A-LQR+).
     """
 
     method = "alqr"
+    presets: ClassVar[dict[str, Preset]] = {
+        "paper": Preset(
+            hyperparameters={"q": 0.1, "r": 3.0, "q_f": 0.1, "lambdas": 1.0,
+                             "n_jacobian_prompts": 50, "max_tokens": 24, "recipe": "last",
+                             "keep_K": False, "scope": "last"},
+            source="lqr-activation-steering steer/tox_eval.py L120-123 (Gemma-2-2B toxicity: "
+                   "LQR_params [0.1, 3, 0.1], λ=1), steer/toxicity/tox_data_script.py L113 "
+                   "(50 Jacobian prompts, max_ctx 24), steer/data_handling.py L260 (LFS at "
+                   "the last token), steer/steering.py L398 (all_tokens=False)",
+        ),
+    }
 
     def __init__(
         self,
@@ -201,7 +246,7 @@ class ALQR(LFSController):
         lambdas: float | Sequence[float] = 1.0,
         n_jacobian_prompts: int = 32,
         max_tokens: int = 24,
-        recipe: str = "mean",
+        recipe: str = "last",
         keep_K: bool = False,
         scope: str = "last",
     ) -> None:
@@ -281,6 +326,16 @@ class ALQRPlus(ALQR):
     """A-LQR+: the A-LQR law at every real position (never padding); see the module doc."""
 
     method = "alqr_plus"
+    presets: ClassVar[dict[str, Preset]] = {
+        "paper": Preset(
+            hyperparameters={"q": 0.2, "r": 7.0, "q_f": 0.2, "lambdas": 1.0,
+                             "n_jacobian_prompts": 50, "max_tokens": 24, "recipe": "last",
+                             "keep_K": False, "scope": "all"},
+            source="lqr-activation-steering steer/refusal/ref_asr_script.py L108-111 (λ=1, "
+                   "q=0.2, r=7, q_f=0.2) and L176 (all_tokens=True), "
+                   "steer/refusal/ref_data_script.py L217 (50 Jacobian prompts, max_ctx 24)",
+        ),
+    }
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("scope", "all")
@@ -291,14 +346,36 @@ class SPID(LFSController):
     """S-PID, the A-LQR paper's baseline: a PID controller on the LFS error over depth.
 
     e_k = Σ_c α_{k,c} v_{k,c} (the LFS error vector at block input k), and
-    u_k = K_p e_k + K_i I_k + K_d (e_k − e_{k−1}) with I_k = Σ_{j=j₀..k} e_j, the integral
-    reset at layers k ≡ 0 (mod ``reset_every``), e_{−1} = 0. Deviation from the reference:
-    it also accumulates the integral across tokens of a generation, which makes the output
-    depend on whether the KV cache is used; ours accumulates over depth within each forward
-    pass only, so cached and uncached generation agree.
+    u_k = K_p e_k + K_i I_k + K_d (e_k − e_prev), following the reference's hook
+    (lqr-activation-steering ``steer/PIDsteering.py`` L166-196, state initialised per
+    generate call at L371-372):
+
+    * **integral**: I_k = I_{k−1} + e_k, except at a reset layer (k ≡ 0 mod ``reset_every``)
+      where I_k = 0, so the next window starts with e_{k₀+1} (L172-175: ``e_sum += e`` then
+      zeroed). Block 0 is a reset layer, so the integral never crosses forward passes.
+    * **derivative**: e_prev is the error of the previous steered block; at block 0 it is the
+      previous forward pass's last-block error e_{L−1} of the same row (the reference's
+      ``self.e_prev`` lives across decode steps), and zero in the first pass of a generation
+      (L372). The runtime carries it per row in :attr:`StepContext.carry`, which starts empty
+      at every steering context (one per generate call) and, in the server, per request.
+
+    Every forward pass reads the last position of each row (scope ``last``, the reference's
+    ``input[0][:, -1, :]``); with a wider scope the carried error is that of each row's last
+    position. The reference's ``self.e_sum`` and ``self.e_prev`` are shared by the whole batch
+    tensor, i.e. per row, as here.
     """
 
     method = "spid"
+    presets: ClassVar[dict[str, Preset]] = {
+        "paper": Preset(
+            hyperparameters={"kp": 0.7, "ki": 0.01, "kd": 0.1, "reset_every": 10,
+                             "lambdas": 1.0, "recipe": "last", "scope": "last"},
+            source="A-LQR paper S-PID baseline, Gemma-2-2B gains (0.7, 0.01, 0.1), λ=1: "
+                   "lqr-activation-steering steer/toxicity/test_toxicityPID.py run_trials, "
+                   "steer/PIDsteering.py L174 (reset every 10 layers); LFS at the last token "
+                   "(steer/data_handling.py L260)",
+        ),
+    }
 
     def __init__(
         self,
@@ -308,7 +385,7 @@ class SPID(LFSController):
         kd: float = 0.1,
         reset_every: int = 10,
         lambdas: float | Sequence[float] = 1.0,
-        recipe: str = "mean",
+        recipe: str = "last",
         scope: str = "last",
     ) -> None:
         super().__init__(lambdas, scope)
@@ -324,6 +401,20 @@ class SPID(LFSController):
         self.set_setpoint(*self.fit_setpoint(concepts))
         return self
 
+    def _carried(self, ctx: StepContext, like: torch.Tensor) -> torch.Tensor:
+        """The previous forward pass's last-block error of each row, (B, 1, d); zeros for a
+        row that has none (the first pass of its generation)."""
+        rows = ctx.carry
+        zero = torch.zeros(like.shape[0], 1, like.shape[-1], dtype=like.dtype,
+                           device=like.device)
+        if not rows:
+            return zero
+        key = (id(self), "e_last")
+        if len(rows) != like.shape[0] or all(key not in r for r in rows):
+            return zero
+        return torch.stack([r[key].to(like.device) if key in r else zero[0, 0]
+                            for r in rows])[:, None, :]
+
     def steer(
         self, site: Site, h: torch.Tensor, strength: torch.Tensor, ctx: StepContext
     ) -> torch.Tensor:
@@ -332,12 +423,20 @@ class SPID(LFSController):
         alpha = self.alpha(k, self._read(ctx, k), strength)
         e = alpha @ self._get("v", self.v, h)[:, k, :]  # (B, T, d)
         state = ctx.scratch.setdefault(id(self), {})
-        prev = state.get("e") if state.get("k") == k - 1 else None
-        integral = state.get("I") if (k % self.reset_every != 0 and prev is not None) else None
-        integral = e if integral is None else integral + e
-        derivative = e if prev is None else e - prev
+        chained = state.get("k") == k - 1
+        prev = state["e"] if chained else self._carried(ctx, e)
+        if k % self.reset_every == 0:
+            integral = torch.zeros_like(e)
+        else:
+            integral = state["I"] + e if chained else e
         state.update(k=k, e=e, I=integral)
-        u = self.kp * e + self.ki * integral + self.kd * derivative
+        u = self.kp * e + self.ki * integral + self.kd * (e - prev)
+        if k == self.num_layers - 1 and ctx.carry is not None \
+                and len(ctx.carry) == e.shape[0]:
+            last = e[:, -1, :].detach()
+            key = (id(self), "e_last")
+            for b, row in enumerate(ctx.carry):
+                row[key] = last[b]
         return (h.to(torch.float32) + u).to(h.dtype)
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -364,7 +463,7 @@ class ActAddLFS(LFSController):
         *,
         kp: float = 1.0,
         lambdas: float | Sequence[float] = 1.0,
-        recipe: str = "mean",
+        recipe: str = "last",
         scope: str = "last",
     ) -> None:
         super().__init__(lambdas, scope)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -34,12 +35,33 @@ class StepContext:
     # Per-forward-pass working memory of controllers that carry state across layers (S-PID),
     # keyed by id(controller); a new context object per forward pass, so nothing leaks.
     scratch: dict[Any, Any] = field(default_factory=dict)
+    # Per-row memory that survives from one forward pass to the next of the same rows (one
+    # dict per row of this pass, keyed by id(controller)): S-PID's derivative at block 0
+    # uses the previous pass's last-block error. The steering context makes new dicts at
+    # ``__enter__`` (so nothing leaks between generate calls); the server keeps one per
+    # request, so rows joining or leaving a continuous batch never see each other's state.
+    carry: list[dict[Any, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration of a method: constructor hyper-parameters and the keyword
+    arguments its fit helper takes (``fit``), with the source of the values."""
+
+    hyperparameters: Mapping[str, Any]
+    fit: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+C = TypeVar("C", bound="Controller")
 
 
 class Controller(ABC):
     """Base class of steering methods. Subclasses set ``method`` and implement the rest."""
 
     method: ClassVar[str]
+    # Named configurations (``"paper"``: the paper's values as its reference code uses them).
+    presets: ClassVar[dict[str, Preset]] = {}
 
     sites: list[Site]
     model_info: ModelInfo | None
@@ -53,6 +75,29 @@ class Controller(ABC):
         self.fit_info = {}
         self.data_fingerprint = None
         self.default_scope = LAST
+        # keyword arguments for the fit helper that a preset chose (not hyper-parameters)
+        self.fit_options: dict[str, Any] = {}
+
+    @classmethod
+    def from_preset(cls: type[C], name: str, **overrides: Any) -> C:
+        """Construct with the preset's hyper-parameters, ``overrides`` winning; the fit helper
+        then uses the preset's fit options, and the artifact records the preset
+        (``fit.preset``: its name, source and the overridden hyper-parameters)."""
+        if name not in cls.presets:
+            known = ", ".join(sorted(cls.presets)) or "none"
+            raise SteeringError(f"{cls.method} has no preset {name!r} (presets: {known})")
+        preset = cls.presets[name]
+        obj = cls(**{**preset.hyperparameters, **overrides})
+        obj.fit_options = dict(preset.fit)
+        obj.fit_info["preset"] = {"name": name, "source": preset.source,
+                                  "overrides": sorted(overrides)}
+        return obj
+
+    def fit_option(self, name: str, given: Any, default: Any) -> Any:
+        """A fit helper's keyword: what the caller gave, else the preset's, else ``default``."""
+        if given is not None:
+            return given
+        return self.fit_options.get(name, default)
 
     # -- what the runtime needs ----------------------------------------------------------------
     @property

@@ -25,12 +25,12 @@ norm ``c``; :func:`normalize_across` does the reference code's ``normalize_vecto
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import Controller, StepContext, check_finite
+from steerlab.methods.base import Controller, Preset, StepContext, check_finite
 from steerlab.scope import parse_scope
 from steerlab.sites import Site
 
@@ -102,6 +102,17 @@ class CAA(AdditiveController):
     """
 
     method = "caa"
+    presets: ClassVar[dict[str, Preset]] = {
+        "paper": Preset(
+            hyperparameters={"layers": 13, "site": "resid_post", "recipe": "ab",
+                             "normalize": None, "scope": "from:-1"},
+            source="nrimsky/CAA: block-output residual at position -2 (the A/B letter), mean "
+                   "of pos - neg (generate_vectors.py); added from the instruction end on "
+                   "(utils/helpers.py add_vector_after_position, called by llama_wrapper.py; "
+                   "scope from:-1); layer 13, "
+                   "the paper's main-text layer for Llama-2-7B-Chat",
+        ),
+    }
 
     def __init__(
         self,

@@ -210,6 +210,8 @@ class _Row:
     next_token: int = -1
     generated: int = 0
     done: bool = False
+    # state controllers carry from one forward pass to the next (S-PID), this request's own
+    carry: dict[Any, Any] = field(default_factory=dict)
 
 
 class Engine:
@@ -467,7 +469,7 @@ class Engine:
         with torch.no_grad():
             if any(r.steers for r in rows):
                 ctx = steering(self.lm, rows=[list(r.steers) for r in rows], layers=self.layers,
-                               prompt_len=prompt_len)
+                               prompt_len=prompt_len, carry=[r.carry for r in rows])
                 with ctx:
                     out = model(**kwargs)
             else:

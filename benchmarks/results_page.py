@@ -19,6 +19,9 @@ Runs two resumable sweeps with the evaluation harness (:mod:`steerlab.evals.swee
    a second sweep on the A/B task with larger strengths (``STRONG_AB``).
 3. **Layer sweep**: CAA at blocks 4..24 on sentiment.
 
+INNSteer and SAS are steerlab's reconstructions (no official code exists): their labels get a
+``†`` in every table of the page and a note says so (``RECONSTRUCTED``).
+
 SAS needs a sparse autoencoder at the block: ``--sae FOLDER`` (SAELens format); without
 it, one is trained (8×, TopK, 100 000 tokens of ``../shared/data``, about 4 minutes) into
 the run folder and reused afterwards.
@@ -63,6 +66,35 @@ STRONG_AB: dict[str, list[float]] = {
     "mean_act": [8.0, 16.0, 32.0], "linear_act": [4.0, 8.0, 16.0],
     "innsteer": [4.0, 8.0, 16.0],
 }
+
+
+# Methods whose results are steerlab's reconstructions, not the authors' code (none exists):
+# their labels are marked with RECONSTRUCTION_MARK in every table and the page explains why.
+RECONSTRUCTED: dict[str, str] = {
+    "innsteer": "INNSteer (arXiv 2606.08454): no official code exists and only the abstract was "
+                "available; the loss, the training and the defaults are a third-party recipe's "
+                "or steerlab's (`docs/innsteer.md`)",
+    "sas": "SAS (arXiv 2503.00177): no official code exists (the authors' `chandar-lab/SAS` "
+           "holds only a README); the algorithm is reconstructed from the paper's Algorithms 1/2 "
+           "as quoted by re-implementations, with an SAE trained by steerlab (`docs/sas.md`)",
+}
+RECONSTRUCTION_MARK = "†"
+_RECONSTRUCTED_LABEL = re.compile(
+    r"(?<=\| )((?:" + "|".join(RECONSTRUCTED) + r")(?:\[[0-9a-f]+\])?)(?= \|)")
+
+
+def mark_reconstructions(text: str) -> str:
+    """Mark the labels of :data:`RECONSTRUCTED` methods in markdown table cells (idempotent)."""
+    return _RECONSTRUCTED_LABEL.sub(lambda m: f"{m.group(1)} {RECONSTRUCTION_MARK}", text)
+
+
+def reconstruction_note() -> list[str]:
+    """The page's note on the marked methods."""
+    lines = [f"{RECONSTRUCTION_MARK} **steerlab's reconstructions.** The methods marked "
+             f"{RECONSTRUCTION_MARK} have no official code; their rows are results of "
+             f"steerlab's reconstruction, not of the authors' methods:", ""]
+    lines += [f"- {text}." for text in RECONSTRUCTED.values()]
+    return [*lines, ""]
 
 
 def sae_for(run: Path, layer: int, lm: Any, given: str | None) -> str:
@@ -116,6 +148,7 @@ def page(main: SweepResults, layers: SweepResults, run: Path, seconds: float,
         f"next-token KL from the unsteered model on the neutral prompts is at most {budget:g} "
         f"nats.",
         "",
+        *reconstruction_note(),
         "## Best change within the KL budget",
         "",
     ]
@@ -132,7 +165,7 @@ def page(main: SweepResults, layers: SweepResults, run: Path, seconds: float,
         lines.append(f"| {lab} | " + " | ".join(row) + " |")
     lines += ["", "## All cells", "", body(rep_main, "results/methods"), "",
               "## Layer sweep", "", body(rep_layers, "results/layers")]
-    return "\n".join(lines) + "\n"
+    return mark_reconstructions("\n".join(lines) + "\n")
 
 
 def main() -> None:

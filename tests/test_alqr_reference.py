@@ -383,3 +383,28 @@ def test_spid_state_is_per_row() -> None:
              generate(lm, [PROMPTS[2]], steers=Steer(c, 2.0), max_new_tokens=NEW,
                       render=False)[0]]
     assert batch == alone
+
+
+@pytest.mark.parametrize("method", ["alqr", "alqr_plus", "spid", "actadd_lfs"])
+def test_every_lfs_method_fits_a_labelled_set_by_name(method: str) -> None:
+    """``fit_method(lm, name, LabeledSet)`` (it used to crash with AttributeError), with the
+    reference's last-token recipe; ``preset="paper"`` where the method has one."""
+    from steerlab.fitting import fit_method
+    from steerlab.methods import METHODS
+
+    lm = build_tiny_model("llama", seed=6, num_layers=4)
+    hp: dict[str, Any] = {"n_jacobian_prompts": 3} if method.startswith("alqr") else {}
+    if method == "actadd_lfs":
+        hp["layers"] = [1]
+    with pytest.warns(UserWarning, match="coincide"):
+        c = fit_method(lm, method, SET1, **hp)
+    assert c.recipe == "last" and c.fit_info["data"] == "sentiment"
+    if "paper" in METHODS[method].presets:
+        with pytest.warns(UserWarning, match="coincide"):
+            p = fit_method(lm, method, SET1, preset="paper")
+        want = METHODS[method].presets["paper"].hyperparameters
+        got = p.hyperparameters()
+        assert all(got[k] == (v if k != "lambdas" else [v]) for k, v in want.items())
+        assert p.fit_info["preset"]["name"] == "paper"
+    with pytest.raises(Exception, match="recipe"):
+        fit_method(lm, method, SET1, recipe="mean", **hp)

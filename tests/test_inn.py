@@ -301,3 +301,23 @@ def test_artifact_save_load_on_tiny_model(tmp_path: Path) -> None:
     a = generate(lm, prompts, steers=Steer(c, 2.0, "all"), max_new_tokens=5, render=False)
     b = generate(lm, prompts, steers=Steer(loaded, 2.0, "all"), max_new_tokens=5, render=False)
     assert a == b
+
+
+def test_default_nll_weight_is_the_documented_one() -> None:
+    """The NLL weight the docstrings state (module: "w_nll = X", class: "loss weights (X, …)")
+    is the constructor's default and ``NLL_WEIGHT`` (docs/innsteer.md gives the reason)."""
+    import inspect
+    import re
+
+    from steerlab.methods import inn
+
+    default = inspect.signature(INNSteer.__init__).parameters["nll_weight"].default
+    assert default == inn.NLL_WEIGHT == INNSteer(1).nll_weight == 0.1
+    module_doc = re.search(r"w_nll = ([0-9.]+)", inn.__doc__ or "")
+    class_doc = re.search(r"logdet_weight: loss weights \(([0-9.]+),", INNSteer.__doc__ or "")
+    assert module_doc is not None and class_doc is not None
+    assert float(module_doc.group(1)) == default
+    assert float(class_doc.group(1)) == default
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "innsteer.md").read_text()
+    assert f"w_nll = {default:g}" in doc
+    assert "reconstruction" in (inn.__doc__ or "") and "no official code" in (inn.__doc__ or "")

@@ -340,3 +340,65 @@ def test_generation_on_tiny_model_cached_equals_uncached() -> None:
     assert cached == uncached
     zero = generate(lm, prompts, steers=Steer(c, 0.0), max_new_tokens=6, render=False)
     assert zero == plain
+
+
+# -- the paper preset --------------------------------------------------------------------------
+def test_paper_preset_has_the_reference_values() -> None:
+    """The values the reference's scripts run with, transcribed from ZhaoHongjue/odesteer at
+    08cbc11: confs/steer/ODESteer.yaml:3-9 (solver euler, steps 10, n_components 8000,
+    degree 2, gamma 0.1, coef0 1.0, lin_clf_type lr), confs/steer/StepODESteer.yaml:3-7 (the
+    same sketch), src/odesteer/utils/kernels/_kernel_clf.py:88 (LogisticRegression(max_iter=
+    1000): C = 1), confs/detox.yaml:9 (layer_idx 13) and :11 (seed 42),
+    src/odesteer/lm/_huggingface_lm.py:91,258 (block output, last position); the barrier is
+    fitted on all training activations (scripts/toxicity/detox_generate.py:46-47)."""
+    reference = {"n_components": 8000, "degree": 2, "gamma": 0.1, "coef0": 1.0,
+                 "features": "poly", "C": 1.0, "layer": 13, "site": "resid_post",
+                 "scope": "last", "seed": 42}
+    ode = ODESteer.from_preset("paper")
+    hp = ode.hyperparameters()
+    assert {k: hp[k] for k in reference} == reference
+    assert (hp["solver"], hp["steps"]) == ("euler", 10)
+    assert ode.fit_options == {"test_fraction": 0.0}
+    assert ode.fit_info["preset"]["name"] == "paper"
+    assert "confs/steer/ODESteer.yaml" in ode.fit_info["preset"]["source"]
+    step = StepODESteer.from_preset("paper", layer=15)
+    shp = step.hyperparameters()
+    assert {k: shp[k] for k in reference} == {**reference, "layer": 15}
+    assert step.fit_options == {"test_fraction": 0.0}
+    assert step.fit_info["preset"]["overrides"] == ["layer"]
+    with pytest.raises(SteeringError, match="no preset"):
+        ODESteer.from_preset("nope")
+
+
+def test_paper_preset_fits_on_every_row() -> None:
+    """With the preset's test_fraction = 0 the barrier is fitted on all the rows (in order:
+    the same barrier as fitting the collected activations directly) and no held-out accuracy
+    is reported; an explicit test_fraction wins over the preset; the default holds out 20 %."""
+    from steerlab.data import LabeledSet, LabeledText
+    from steerlab.fitting import fit_odesteer, ode_activations
+
+    lm = tiny_model("llama")
+    items = [LabeledText(f"a kind and happy sentence number {i}", 1) for i in range(10)]
+    items += [LabeledText(f"an angry, sad remark {i}!", 0) for i in range(8)]
+    data = LabeledSet(items, name="toy")
+
+    def fit(controller: ODESteer, test_fraction: float | None = None) -> ODESteer | StepODESteer:
+        return fit_odesteer(lm, data, controller, test_fraction=test_fraction, cache=False,
+                            progress=False)
+
+    paper = fit(ODESteer.from_preset("paper", layer=1, n_components=256))
+    fi = paper.fit_info
+    assert fi["n_train"] == [10, 8] and fi["test_fraction"] == 0.0
+    assert "heldout_accuracy" not in fi and "n_heldout" not in fi
+    assert 0.0 <= fi["train_accuracy"] <= 1.0
+    pos, neg = ode_activations(lm, data, SITE, cache=False, progress=False)
+    direct = ODESteer(1, n_components=256, seed=42).fit(pos, neg)
+    assert direct.barrier is not None and paper.barrier is not None
+    torch.testing.assert_close(paper.barrier.w, direct.barrier.w)
+    held = fit(ODESteer.from_preset("paper", layer=1, n_components=256), test_fraction=0.2)
+    assert held.fit_info["n_train"] == [8, 6] and held.fit_info["n_heldout"] == [2, 2]
+    assert "heldout_accuracy" in held.fit_info
+    default = fit(ODESteer(1, n_components=256))
+    assert default.fit_info["test_fraction"] == 0.2 and default.fit_info["n_train"] == [8, 6]
+    with pytest.raises(DataError, match="test_fraction"):
+        fit(ODESteer(1, n_components=256), test_fraction=1.0)

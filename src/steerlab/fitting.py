@@ -109,42 +109,55 @@ def fit_actadd(lm: LoadedModel, controller: ActAdd | None = None) -> ActAdd:
 
 def lfs_activations(
     lm: LoadedModel,
-    data: ContrastiveSet,
+    data: ContrastiveSet | LabeledSet,
     *,
-    recipe: str = "mean",
+    recipe: str = "last",
     renderer: Renderer | None = None,
     batch_size: int = 16,
     cache: bool = True,
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-input activations of every block for both sides of a contrastive set.
+    """Block-input activations of every block for both classes of a set.
 
     Returns ``(positive, negative)``, each ``(N, L, d)``: ``resid_pre.k`` for k = 0 … L−1 at
-    the recipe's position (``mean``: completion mean; ``last``; ``ab``: answer letter).
+    the recipe's position (``last``: the last token, the reference's; ``mean``: completion
+    mean; ``ab``: answer letter). A contrastive set gives prompt + positive / prompt +
+    negative completion (rendered); a labelled set (the paper's unpaired D+ and D− prompt
+    sets) gives its texts as they are, read at the last token (other recipes are refused).
     """
-    data.validate(min_size=1)
-    renderer = renderer or Renderer(lm.tokenizer)
     sites = [Site("resid_pre", k) for k in range(lm.info.num_layers)]
-    position = _RECIPE_POSITION[recipe]
-    pos_s, neg_s = contrastive_samples(data, renderer)
-    out = []
-    for samples, desc in ((pos_s, "positive activations"), (neg_s, "negative activations")):
-        acts = collect(lm, samples, sites, position, batch_size=batch_size, cache=cache,
-                       progress=progress, desc=desc)
-        out.append(torch.stack([acts[s] for s in sites], dim=1))
-    return out[0], out[1]
+    pos, neg, _ = class_activations(lm, data, sites, recipe, renderer=renderer,
+                                    batch_size=batch_size, cache=cache, progress=progress)
+    return (torch.stack([pos[s] for s in sites], dim=1),
+            torch.stack([neg[s] for s in sites], dim=1))
 
 
-def jacobian_texts(data: ContrastiveSet, n: int) -> list[str]:
-    """Positive-class texts for the Jacobians: the first ``n`` "prompt + positive completion",
-    unrendered (the paper linearises along raw positive-class text, e.g. concept sentences;
-    with a chat template, 24 tokens would be almost all template)."""
+def jacobian_texts(data: ContrastiveSet | LabeledSet, n: int) -> list[str]:
+    """Positive-class texts for the Jacobians: the first ``n`` "prompt + positive completion"
+    (or positive texts of a labelled set), unrendered (the paper linearises along raw
+    positive-class text, e.g. concept sentences; with a chat template, 24 tokens would be
+    almost all template)."""
+    if isinstance(data, LabeledSet):
+        return [t.text for t in data if t.label == 1][:n]
     return [f"{p.prompt} {p.positive}" for p in list(data)[:n]]
+
+
+def _concept_sets(
+    data: ContrastiveSet | LabeledSet | Sequence[ContrastiveSet | LabeledSet],
+) -> list[ContrastiveSet | LabeledSet]:
+    """One set per concept: a single set, or a sequence of them."""
+    sets = [data] if isinstance(data, (ContrastiveSet, LabeledSet)) else list(data)
+    if not sets:
+        raise DataError("give at least one contrastive or labelled set")
+    for s in sets:
+        if not isinstance(s, (ContrastiveSet, LabeledSet)):
+            raise DataError(f"expected contrastive or labelled sets, got {type(s).__name__}")
+    return sets
 
 
 def fit_alqr(
     lm: LoadedModel,
-    data: ContrastiveSet | Sequence[ContrastiveSet],
+    data: ContrastiveSet | LabeledSet | Sequence[ContrastiveSet | LabeledSet],
     controller: ALQR | None = None,
     *,
     jacobian_data: Sequence[str] | None = None,
@@ -155,16 +168,14 @@ def fit_alqr(
 ) -> ALQR:
     """Fit A-LQR (or A-LQR+): LFS per concept, block Jacobians, Riccati gains.
 
-    ``data`` is one contrastive set per concept; the Jacobians are taken along
-    ``jacobian_data`` (default: the first concept's positive texts). ``fit_info`` records the
-    time of each step.
+    ``data`` is one set per concept, contrastive pairs or labelled (unpaired) texts; the
+    Jacobians are taken along ``jacobian_data`` (default: the first concept's positive
+    texts). ``fit_info`` records the time of each step.
     """
     from steerlab.control.jacobians import block_jacobians
 
     controller = controller or ALQR()
-    sets = [data] if isinstance(data, ContrastiveSet) else list(data)
-    if not sets:
-        raise DataError("give at least one contrastive set")
+    sets = _concept_sets(data)
     start = time.perf_counter()
     concepts = [lfs_activations(lm, s, recipe=controller.recipe, renderer=renderer,
                                 batch_size=batch_size, cache=cache, progress=progress)
@@ -181,7 +192,7 @@ def fit_alqr(
     controller.data_fingerprint = sets[0].fingerprint() if len(sets) == 1 else \
         "+".join(s.fingerprint()[:16] for s in sets)
     controller.fit_info.update(
-        data=[s.name for s in sets],
+        data=[s.name for s in sets] if len(sets) > 1 else sets[0].name,
         collect_seconds=round(t_collect, 3),
         jacobian_seconds=round(t_jac, 3),
         jacobian_prompts=len(texts),
@@ -192,22 +203,24 @@ def fit_alqr(
 
 def fit_lfs_baseline(
     lm: LoadedModel,
-    data: ContrastiveSet | Sequence[ContrastiveSet],
+    data: ContrastiveSet | LabeledSet | Sequence[ContrastiveSet | LabeledSet],
     controller: SPID | ActAddLFS,
     *,
     renderer: Renderer | None = None,
     cache: bool = True,
     progress: bool = True,
 ) -> SPID | ActAddLFS:
-    """Fit S-PID or ActAdd-LFS: the LFS only (no Jacobians)."""
-    sets = [data] if isinstance(data, ContrastiveSet) else list(data)
+    """Fit S-PID or ActAdd-LFS: the LFS only (no Jacobians); sets as in :func:`fit_alqr`."""
+    sets = _concept_sets(data)
     start = time.perf_counter()
     concepts = [lfs_activations(lm, s, recipe=controller.recipe, renderer=renderer, cache=cache,
                                 progress=progress) for s in sets]
     controller.fit(concepts)
     controller.model_info = lm.info
-    controller.data_fingerprint = sets[0].fingerprint()
-    controller.fit_info.update(fit_seconds=round(time.perf_counter() - start, 3))
+    controller.data_fingerprint = sets[0].fingerprint() if len(sets) == 1 else \
+        "+".join(s.fingerprint()[:16] for s in sets)
+    controller.fit_info.update(data=[s.name for s in sets] if len(sets) > 1 else sets[0].name,
+                               fit_seconds=round(time.perf_counter() - start, 3))
     return controller
 
 
@@ -250,7 +263,7 @@ def fit_odesteer(
     data: ContrastiveSet | LabeledSet,
     controller: ODESteer | StepODESteer | None = None,
     *,
-    test_fraction: float = 0.2,
+    test_fraction: float | None = None,
     seed: int = 0,
     renderer: Renderer | None = None,
     cache: bool = True,
@@ -258,16 +271,33 @@ def fit_odesteer(
 ) -> ODESteer | StepODESteer:
     """Fit ODESteer (or StepODESteer) on last-token activations; report held-out accuracy.
 
-    The barrier is fitted on a seeded train split; ``fit_info["heldout_accuracy"]`` is the
-    classifier's accuracy on the rest (``test_fraction`` of each class).
+    ``test_fraction`` (default: the controller's preset's, else 0.2) of each class is held
+    out by a seeded split, the barrier is fitted on the rest and
+    ``fit_info["heldout_accuracy"]`` is the classifier's accuracy on the held-out rows. With
+    ``test_fraction=0`` (the ``paper`` preset's: the reference fits the barrier on all of its
+    training activations) every row is used, in order, and no held-out accuracy is reported.
+    ``fit_info`` records ``test_fraction``, ``n_train`` (positive, negative rows fitted on)
+    and ``train_accuracy`` (the classifier on those same rows, not a held-out figure).
     """
     from steerlab.methods.ode import ODESteer
 
     controller = controller or ODESteer(layer=lm.info.num_layers // 2)
+    fraction = controller.fit_option("test_fraction", test_fraction, 0.2)
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) \
+            or not 0.0 <= float(fraction) < 1.0:
+        raise DataError(f"test_fraction must be in [0, 1), got {fraction!r}")
+    fraction = float(fraction)
     layers = find_layers(lm.model)
     site = layers.resolve(controller.fit_sites()[0])
-    (pos_tr, pos_te), (neg_tr, neg_te), t_collect = _train_test_activations(
-        lm, data, site, test_fraction, seed, renderer=renderer, cache=cache, progress=progress)
+    if fraction == 0.0:
+        start = time.perf_counter()
+        pos_tr, neg_tr = ode_activations(lm, data, site, renderer=renderer, cache=cache,
+                                         progress=progress)
+        t_collect = time.perf_counter() - start
+        pos_te, neg_te = pos_tr[:0], neg_tr[:0]
+    else:
+        (pos_tr, pos_te), (neg_tr, neg_te), t_collect = _train_test_activations(
+            lm, data, site, fraction, seed, renderer=renderer, cache=cache, progress=progress)
     t0 = time.perf_counter()
     controller.fit(pos_tr, neg_tr)
     t_fit = time.perf_counter() - t0
@@ -277,8 +307,11 @@ def fit_odesteer(
         data=data.name,
         collect_seconds=round(t_collect, 3),
         barrier_fit_seconds=round(t_fit, 3),
+        test_fraction=fraction,
         n_train=[int(pos_tr.shape[0]), int(neg_tr.shape[0])],
     )
+    for key in ("heldout_accuracy", "n_heldout"):
+        controller.fit_info.pop(key, None)
     if pos_te.shape[0] and neg_te.shape[0]:
         controller.fit_info["heldout_accuracy"] = round(
             float(controller.barrier_accuracy(pos_te, neg_te)), 4)
@@ -555,10 +588,11 @@ def _fitter(method: str) -> Any:
 
 def build_controller(method: str, lm: LoadedModel, *, layer: int | None = None,
                      recipe: str | None = None, scope: str | None = None,
-                     **hyperparameters: Any) -> Any:
+                     preset: str | None = None, **hyperparameters: Any) -> Any:
     """Construct ``METHODS[method]`` with the hyper-parameters its constructor takes: the
     block goes to ``layer`` or ``layers`` (whichever it has; a negative index counts from
-    the end), ``recipe`` and ``scope`` where accepted. Unknown hyper-parameters raise."""
+    the end), ``recipe`` and ``scope`` where accepted. Unknown hyper-parameters raise. With
+    ``preset`` (e.g. ``"paper"``), the preset's values fill everything not given here."""
     import inspect
 
     from steerlab.errors import SteeringError
@@ -567,7 +601,13 @@ def build_controller(method: str, lm: LoadedModel, *, layer: int | None = None,
     if method not in METHODS:
         raise SteeringError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
     cls = METHODS[method]
-    params = inspect.signature(cls.__init__).parameters
+    params: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:  # a subclass passing **kwargs on (ALQRPlus) takes its base's
+        own = inspect.signature(klass.__init__).parameters  # type: ignore[misc]
+        params.update({k: p for k, p in own.items() if p.kind not in (
+            inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)})
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values()):
+            break
     kw: dict[str, Any] = {}
     if layer is not None:
         layer = layer + lm.info.num_layers if layer < 0 else layer
@@ -583,20 +623,22 @@ def build_controller(method: str, lm: LoadedModel, *, layer: int | None = None,
         raise SteeringError(f"{method} takes no hyper-parameter {', '.join(unknown)}; it "
                             f"takes {', '.join(p for p in params if p != 'self')}")
     kw.update(hyperparameters)  # an explicit hyper-parameter (e.g. ITI's layers=None) wins
+    if preset is not None:
+        return cls.from_preset(preset, **kw)
     return cls(**kw)
 
 
 def fit_method(lm: LoadedModel, method: str, data: ContrastiveSet | LabeledSet, *,
                layer: int | None = None, recipe: str | None = None,
-               scope: str | None = None, cache: bool = True, progress: bool = False,
-               **hyperparameters: Any) -> Any:
+               scope: str | None = None, preset: str | None = None, cache: bool = True,
+               progress: bool = False, **hyperparameters: Any) -> Any:
     """Fit any registered method by name: build it (:func:`build_controller`) and run its
     fitting function (the generic :func:`fit_contrastive` unless the method has its own).
     A method added to ``steerlab.methods.METHODS`` whose ``fit(positive, negative)`` takes
     per-site class activations needs nothing more to be fitted here, by the CLI and by the
     evaluation harness."""
     controller = build_controller(method, lm, layer=layer, recipe=recipe, scope=scope,
-                                  **hyperparameters)
+                                  preset=preset, **hyperparameters)
     fitter = _fitter(method)
     start = time.perf_counter()
     kw: dict[str, Any] = {"progress": progress, "cache": cache}

@@ -1,9 +1,11 @@
 """INNSteer: linear steering in the latent space of an invertible network.
 
 "Beyond Linear Activation Steering: Invertible Latent Transformations for Controlling LLM
-Behavior" (arXiv 2606.08454). The paper's body and code were not available to us; the spec
-(``specs/methods.md`` §b) gives what is certain and a third-party recipe. Which parts are the
-paper's and which are ours:
+Behavior" (arXiv 2606.08454). **This is steerlab's reconstruction, not the authors' method as
+published: no official code exists** (none is known) and only the paper's abstract was
+available to us; the spec (``specs/methods.md`` §b) gives what is certain and a third-party
+recipe. Results of this controller are results of steerlab's reconstruction. Which parts are
+the paper's and which are ours:
 
 **Certain (the paper's abstract).** A lightweight invertible network φ maps an activation h
 to a latent z = φ(h) in which the behaviour classes are amenable to linear control; steering
@@ -41,10 +43,10 @@ where J_c is the Jacobian of the coupling layers (the standardisation's is a con
 is either ``"logistic"``: the binary cross-entropy of a linear probe σ(wᵀz + b) trained
 jointly with φ, or ``"margin"``: mean hinge max(0, 1 − ±uᵀ(z − m)) on the projections onto
 the (detached) unit difference u of the batch's latent class means about their midpoint m.
-Weights default to w_nll = 1, w_sep = 1 (the recipe's λ_dir) and w_logdet = 0.5 (the recipe's
-λ_logdet). A seeded validation split (10 %) drives early stopping (patience 30 epochs after
-warm-up; the best epoch's weights are kept). A non-finite loss stops training with an error
-and leaves the controller unfitted.
+Weights default to w_nll = 0.1 (ours; ``NLL_WEIGHT``), w_sep = 1 (the recipe's λ_dir) and
+w_logdet = 0.5 (the recipe's λ_logdet). A seeded validation split (10 %) drives early
+stopping (patience 30 epochs after warm-up; the best epoch's weights are kept). A
+non-finite loss stops training with an error and leaves the controller unfitted.
 
 **Direction.** ``direction="mean_diff"`` (the recipe's): v = mean φ(h₊) − mean φ(h₋) over the
 training activations; ``"probe"`` (needs ``separation="logistic"``): the probe normal
@@ -82,6 +84,9 @@ MONITORS: tuple[str, ...] = ("separation", "loss")
 SEPARATIONS: tuple[str, ...] = ("logistic", "margin")
 DIRECTIONS: tuple[str, ...] = ("mean_diff", "probe")
 STD_FLOOR = 1e-6  # σ = max(std, STD_FLOOR · mean std): constant dimensions stay invertible
+# Default weight of the Gaussian NLL term (ours: the paper's loss is unknown and the recipe has
+# no NLL weight; with 1 the density term slows the separation, see docs/innsteer.md).
+NLL_WEIGHT = 0.1
 
 
 # -- the invertible map ------------------------------------------------------------------------
@@ -293,13 +298,16 @@ def _int(name: str, value: int, minimum: int = 1) -> int:
 class INNSteer(Controller):
     """INNSteer: z′ = φ(h) + λv, h′ = φ⁻¹(z′) (see the module docstring for the equations).
 
+    steerlab's reconstruction: no official code exists, and the loss, the training and the
+    defaults below are ours or a third-party recipe's, not the paper's.
+
     Args:
         layer: block whose output (``site="resid_post"``) or input (``"resid_pre"``) is steered.
         n_layers, hidden, hidden_layers, masks: the flow (4 couplings, 512-wide, 2 hidden
             layers, alternating halves).
         separation: ``"logistic"`` (joint linear probe) or ``"margin"``.
         direction: ``"mean_diff"`` (latent class-mean difference) or ``"probe"``.
-        nll_weight, sep_weight, logdet_weight: loss weights (1, 1, 0.5).
+        nll_weight, sep_weight, logdet_weight: loss weights (0.1, 1, 0.5).
         epochs, batch_size, lr, weight_decay, warmup_epochs, clip: optimisation (300, 64, 1e-3,
             1e-3, 60, 1.0).
         val_fraction, patience: early stopping on a seeded validation split.
@@ -320,7 +328,7 @@ class INNSteer(Controller):
         masks: MaskKind = "halves",
         separation: Separation = "logistic",
         direction: Direction = "mean_diff",
-        nll_weight: float = 0.1,
+        nll_weight: float = NLL_WEIGHT,
         sep_weight: float = 1.0,
         logdet_weight: float = 0.5,
         epochs: int = 300,

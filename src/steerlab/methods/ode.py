@@ -49,6 +49,12 @@ one-step ablation): ã = a + T·v(a).
 **Where.** One residual-stream site (``resid_post.L``, the block output, as the reference's
 hook on ``model.layers[L]``); default token scope ``last`` (the last position of each forward
 pass: the last prompt token, then each generated token).
+
+**Preset.** ``ODESteer.from_preset("paper")`` (and ``StepODESteer.from_preset("paper")``)
+sets every hyper-parameter to the value the reference's scripts run with, and makes
+:func:`steerlab.fitting.fit_odesteer` fit the barrier on all the rows (``test_fraction=0``),
+as the reference does; the differences from steerlab's defaults are listed in
+:class:`ODESteer`'s docstring and ``docs/odesteer.md``.
 """
 
 from __future__ import annotations
@@ -64,7 +70,13 @@ import torch
 from torchdiffeq import odeint
 
 from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import Controller, StepContext, check_positive, two_class_rows
+from steerlab.methods.base import (
+    Controller,
+    Preset,
+    StepContext,
+    check_positive,
+    two_class_rows,
+)
 from steerlab.scope import parse_scope
 from steerlab.sites import Site
 
@@ -79,6 +91,38 @@ FIELD_EPS = 1e-10  # v = ∇h/(‖∇h‖ + FIELD_EPS)
 # Rows per chunk are chosen so a chunk's (rows, n_components) buffers hold about this many
 # elements, which bounds the memory of a long prefill (4M floats = 16 MB per buffer).
 CHUNK_ELEMENTS = 1 << 22
+
+
+# The reference code: github.com/ZhaoHongjue/odesteer at 08cbc11 (file:line below).
+REFERENCE = "ZhaoHongjue/odesteer@08cbc11"
+_SKETCH_SOURCE = (
+    "n_components 8000, degree 2, gamma 0.1, coef0 1.0, lin_clf_type lr: {yaml}; "
+    "LogisticRegression(max_iter=1000), sklearn's C=1: "
+    "src/odesteer/utils/kernels/_kernel_clf.py:88; layer_idx 13 (Llama-3.1-8B-Base; "
+    "Falcon-7B 14, Mistral-7B 15, Qwen2.5-7B 13: data/toxicity.sh:19-22): confs/detox.yaml:9, "
+    "confs/truthfulqa.yaml:9, confs/ultrafeedback.yaml:9; seed 42 (seed_everything before the "
+    "unseeded torch.randint hashes): confs/detox.yaml:11, scripts/toxicity/detox_generate.py:21, "
+    "src/odesteer/utils/kernels/_poly_cnt_sketch.py:40-49; block output, last position of each "
+    "forward pass: src/odesteer/lm/_huggingface_lm.py:91,258,336; barrier fitted on all the "
+    "training activations: scripts/toxicity/detox_generate.py:46-47, "
+    "scripts/ultrafeedback/ultrafeedback_generate.py:50-51, "
+    "scripts/truthfulqa/truthfulqa_generate.py:62-63"
+)
+PAPER_ODESTEER = Preset(
+    hyperparameters={"layer": 13, "site": "resid_post", "n_components": 8000, "degree": 2,
+                     "gamma": 0.1, "coef0": 1.0, "features": "poly", "solver": "euler",
+                     "steps": 10, "seed": 42, "C": 1.0, "scope": "last"},
+    fit={"test_fraction": 0.0},
+    source=f"{REFERENCE}: solver euler, steps 10: confs/steer/ODESteer.yaml:3-4; "
+           + _SKETCH_SOURCE.format(yaml="confs/steer/ODESteer.yaml:5-9"),
+)
+PAPER_STEP_ODESTEER = Preset(
+    hyperparameters={"layer": 13, "site": "resid_post", "n_components": 8000, "degree": 2,
+                     "gamma": 0.1, "coef0": 1.0, "features": "poly", "seed": 42, "C": 1.0,
+                     "scope": "last"},
+    fit={"test_fraction": 0.0},
+    source=f"{REFERENCE}: " + _SKETCH_SOURCE.format(yaml="confs/steer/StepODESteer.yaml:3-7"),
+)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -718,18 +762,81 @@ class ODESteer(_ODEBase):
         seed: seed of the random features.
         C: inverse L2 regularisation of the logistic regression.
         scope: default token scope (``"last"``, as the reference).
+
+    **The reference's values** (``ZhaoHongjue/odesteer`` at ``08cbc11``; files under
+    ``src/odesteer/`` are named from there), which ``ODESteer.from_preset("paper")`` sets
+    (``PAPER_ODESTEER``):
+
+    * ``solver="euler"``, ``steps=10`` (``confs/steer/ODESteer.yaml:3-4``; the class defaults
+      of ``steer/_ode_steer.py:20-21`` agree); ``n_components=8000``, ``degree=2``,
+      ``gamma=0.1``, ``coef0=1.0``, logistic regression (``confs/steer/ODESteer.yaml:5-9``;
+      the classifier's own defaults 100, 2, 1.0, 0.1 in ``utils/kernels/_kernel_clf.py:124-134``
+      are not what the scripts run); ``LogisticRegression(max_iter=1000)`` with sklearn's
+      ``C=1`` (``_kernel_clf.py:88``); x̂ = x/(‖x‖ + 1e-12)
+      (``utils/kernels/_poly_cnt_sketch.py:345,356-357``); v = ∇h/(‖∇h‖ + 1e-10)
+      (``steer/_ode_steer.py:47``).
+    * ``layer=13``, the conf's Llama-3.1-8B-Base (``confs/detox.yaml:9``, also
+      ``truthfulqa.yaml:9``, ``ultrafeedback.yaml:9``); the data scripts use 14 for Falcon-7B,
+      15 for Mistral-7B, 13 for Qwen2.5-7B (``data/toxicity.sh:19-22``): pass ``layer=`` to
+      ``from_preset`` for those. The block output (``hidden_states[L + 1]`` for the data,
+      ``lm/_huggingface_lm.py:245``; a forward hook on ``model.layers[L]``, ``:258,336``), the
+      last position of each forward pass (``:91``) and the last token of each text (``:247``).
+    * ``seed=42`` (``confs/detox.yaml:11``, ``seed_everything`` in
+      ``scripts/toxicity/detox_generate.py:21``): the reference draws the sketch hashes from
+      the global torch RNG (``_poly_cnt_sketch.py:40-49``); steerlab's ``seed=42`` draws the same
+      hashes as a global RNG freshly seeded with 42 (checked), but whether anything in the
+      reference consumes that RNG between seeding and the fit (model loading) is not checked.
+    * fit options ``{"test_fraction": 0.0}``: the reference fits the barrier on all of its
+      training activations (``scripts/toxicity/detox_generate.py:46-47``,
+      ``ultrafeedback/ultrafeedback_generate.py:50-51``; TruthfulQA on the other half of a
+      2-fold split, ``truthfulqa/truthfulqa_generate.py:62-63``).
+
+    **Where steerlab's defaults differ** (steerlab's defaults are kept):
+
+    * ``fit_odesteer`` holds out ``test_fraction=0.2`` for a held-out accuracy by default (the
+      preset: 0); without a controller it uses block ``num_layers // 2`` (the reference's
+      fallback, unused by its scripts, is ``num_layers // 2 - 1``, ``_huggingface_lm.py:242``).
+    * ``seed=0`` by default (the preset: 42, see above).
+    * The strength T is not a hyper-parameter but the run-time strength (``Steer(c, T)``), so no
+      preset carries it: the reference's yaml default is T = 1.0
+      (``confs/steer/ODESteer.yaml:10``), its README runs ODESteer with T = 5.0
+      (``README.md:62,113``).
+    * T < 0: the reference's ``odeint`` with ``step_size=T/steps`` raises for T < 0
+      (``_ode_steer.py:37-42``); steerlab flows down the gradient.
+    * The step grid: the reference lets torchdiffeq build it from ``step_size=T/steps``, which
+      for some T (e.g. 0.3, 2.4, 4.8; not 1 or 5) rounds to an 11th step of length at most
+      1.2e-7·T; steerlab always takes exactly ``steps`` steps.
+    * Magnitudes of ∇h (no effect on v): the reference's batched VJP omits the √γ factor
+      (``_poly_cnt_sketch.py:334``, its single-row one has it, ``:278``) and multiplies by
+      (1 − π)/π (``_kernel_clf.py:62``); the normalisation's VJP divides the projection term by
+      ‖x‖ + ε, steerlab by ‖x‖ (``_poly_cnt_sketch.py:419-424``), a 1e-12 relative difference.
+    * The RFF ablation (``features="rff"``, the reference's ``RFFODESteer``, for which it ships
+      no config): the reference applies RFF to the raw activations, not to x̂
+      (``utils/kernels/_rff.py:38-39``), with W ~ N(0, σ⁻²I), σ = median/√2 of the raw pairwise
+      distances (``_rff.py:28-31,88-94``), i.e. γ = 1/median²; steerlab uses x̂ and
+      γ = 1/(2·median²) of the normalised distances. RFF on raw activations cannot be expressed
+      in steerlab (``rff_gamma`` sets only the bandwidth).
     """
 
     method = "odesteer"
+    presets: ClassVar[dict[str, Preset]] = {"paper": PAPER_ODESTEER}
 
     def transport(self, barrier: Barrier, a: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
         return integrate(barrier.velocity, a, T, solver=self.solver, steps=self.steps)
 
 
 class StepODESteer(_ODEBase):
-    """StepODESteer, the one-step ablation: ã = a + T·v(a). ``solver``/``steps`` are unused."""
+    """StepODESteer, the one-step ablation: ã = a + T·v(a). ``solver``/``steps`` are unused.
+
+    ``StepODESteer.from_preset("paper")`` (``PAPER_STEP_ODESTEER``) sets the reference's values
+    (``confs/steer/StepODESteer.yaml:3-7``: the same sketch and classifier as ODESteer's; T = 1.0
+    at ``:8``; ``steer/_step_ode_steer.py:23-25``), as :class:`ODESteer`'s preset without
+    ``solver``/``steps``, and fits on all rows; the differences listed for :class:`ODESteer`
+    apply here too (T < 0 works in the reference's one step as in steerlab's).
+    """
 
     method = "step_odesteer"
+    presets: ClassVar[dict[str, Preset]] = {"paper": PAPER_STEP_ODESTEER}
 
     def transport(self, barrier: Barrier, a: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
         return a + T.to(a.dtype)[:, None] * barrier.velocity(a)

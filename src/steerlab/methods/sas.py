@@ -3,6 +3,12 @@
 Bayat, Rahimi-Kalahroudi, Pezeshki, Chandar, Vincent, "Steering Large Language Model
 Activations in Sparse Spaces" (arXiv 2503.00177); spec ``specs/methods.md`` §c.
 
+**This is steerlab's reconstruction: no official code exists** (the authors' repository
+``chandar-lab/SAS`` holds only a README, "Code: Coming soon"). The algorithm below follows
+the paper's figure-1 caption and Algorithms 1/2 as quoted by two independent
+re-implementations; τ and the steered position are ours. Results of this controller are
+results of steerlab's reconstruction.
+
 **Vector (Algorithm 1).** With the SAE encoder f, encode the positive and negative examples'
 layer-ℓ activations (one row each, at the recipe's position: the answer letter for A/B sets,
 as CAA) into S⁺ (N⁺ × m) and S⁻ (N⁻ × m). For each side and feature c, let R[c] be the rows

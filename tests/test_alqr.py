@@ -46,22 +46,27 @@ def test_lfs_matches_definition() -> None:
 
 
 def test_alqr_law_per_row_and_position() -> None:
-    """u_k = α_k w_k with α_k = strength·λ·μ_k − v_kᵀz_k, per row and position."""
+    """u_k = |s|·α_k w_k with α_k = sign(s)·λ·μ_k − v_kᵀz_k, per row and position: the
+    strength scales the feedback, its sign mirrors the setpoint, 0 adds nothing."""
     c = _random_alqr(C=2)
     c.lambdas = [1.5, 0.5]
     z = torch.randn(3, 4, 32)
     h = torch.randn(3, 4, 32)
-    strength = torch.tensor([1.0, 2.0, 0.0])
-    ctx = StepContext(positions=torch.arange(4).expand(3, 4), prompt_len=torch.full((3,), 4),
+    strength = torch.tensor([1.0, 2.0, 0.0, -0.5])
+    z = torch.cat([z, torch.randn(1, 4, 32)])
+    h = torch.cat([h, torch.randn(1, 4, 32)])
+    ctx = StepContext(positions=torch.arange(4).expand(4, 4), prompt_len=torch.full((4,), 4),
                       reads={Site("resid_pre", 1): z})
     out = c.steer(Site("resid_post", 1), h, strength, ctx)
-    for b in range(3):
+    assert torch.equal(out[2], h[2])
+    for b in range(4):
+        sign = 1.0 if strength[b] > 0 else -1.0
         for t in range(4):
             u = torch.zeros(32)
             for ci in range(2):
-                target = strength[b] * c.lambdas[ci] * c.mu[ci, 1]
+                target = sign * c.lambdas[ci] * c.mu[ci, 1]
                 alpha = target - c.v[ci, 1] @ z[b, t]
-                u += alpha * c.w[ci, 1]
+                u += abs(float(strength[b])) * alpha * c.w[ci, 1]
             torch.testing.assert_close(out[b, t], h[b, t] + u, rtol=1e-5, atol=1e-5)
 
 

@@ -11,7 +11,8 @@ batch its own controllers and strengths. Semantics (see docs/architecture.md):
   pass of the context. Scopes are predicates on these positions (:mod:`steerlab.scope`), so
   cached and uncached generation steer the same tokens.
 * Rows are independent. Each (controller, scope) pair carries a per-row strength and a
-  per-row "active" flag; the steered tensor is written only where the row is active and the
+  per-row "active" flag (a row whose strengths for a controller sum to 0 is not active:
+  strength 0 is the unsteered model for every method); the steered tensor is written only where the row is active and the
   scope selects the position (``torch.where``), so a row with no controller is
   bit-identical to unsteered generation of the same batch.
 * Hooks never outlive the context: they are removed in ``__exit__``, also when the body
@@ -202,6 +203,9 @@ class steering:
                     g.strengths[r] = strength
                     g.active[r] = True
         for g in groups.values():
+            # strength 0 is the unsteered model, for every method (docs/strength.md): such a
+            # row is not steered at all, so its output is bit-identical to no controller
+            g.active &= g.strengths != 0
             for site in g.controller.sites:
                 resolved = self.layers.resolve(site)
                 g.own_sites[resolved] = site
@@ -335,6 +339,7 @@ class steering:
             if mask is not None and id(g) in self._sparse:
                 h = self._apply_gathered(g, own, h, strengths, mask[..., 0], ctx)
                 continue
+            ctx.steered = None if mask is None else mask[..., 0]
             new = g.controller.steer(own, h, strengths, ctx)
             if new.shape != h.shape:
                 raise SteeringError(

@@ -61,11 +61,14 @@ def setpoint_trace(
 ) -> SetpointTrace:
     """Projections on ``setpoint``'s directions at every block input, under ``steers``.
 
-    ``lam`` is the strength the target refers to: β*_k = lam·λ_c·μ_{k,c}.
+    ``lam`` is the strength the target refers to: its sign picks the side of the setpoint,
+    β*_k = sign(lam)·λ_c·μ_{k,c} (the magnitude only scales the feedback, see
+    :mod:`steerlab.methods.alqr`).
     """
     v = setpoint.v[concept]  # (L, d)
     mu = setpoint.mu[concept]
-    target = lam * setpoint.lambdas[concept] * mu
+    side = (lam > 0) - (lam < 0)
+    target = side * setpoint.lambdas[concept] * mu
     z = block_inputs_at_last_token(lm, prompts, steers, render=render, batch_size=batch_size)
     return SetpointTrace(projection=torch.einsum("bld,ld->bl", z, v), target=target, mu=mu)
 

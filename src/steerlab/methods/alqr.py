@@ -41,9 +41,13 @@ position (scope ``all``); unlike the reference code, left padding is never steer
 
 **Several concepts** share K: u_k = Σ_c α_{k,c} w_{k,c}, one (v, μ) and one λ_c per concept.
 
-**Strength.** The runtime strength multiplies λ: β*_{k,c} = strength · λ_c · μ_{k,c}, so
-``Steer(alqr, 2.0)`` asks for twice the class gap along v_k. Strength 0 drives the projection
-to zero (feature removal); a row without the controller is not steered at all.
+**Strength** (the rule every method follows, ``docs/strength.md``). λ is a hyper-parameter
+(the setpoint β*_k = λμ_k); the runtime strength s scales the feedback and its sign picks the
+side of the setpoint: u_k = |s| · K_k v_k (sign(s)·λμ_k − v_kᵀz_k). So s = 1 is the paper's
+law with its λ, s = 0 is no control at all (the unsteered model), 0 < s < 1 is a softer gain,
+and s = −1 tracks the mirrored target −λμ_k (steering towards the opposite behaviour with
+the same closed loop). The same for S-PID (|s| times the PID output on the signed error) and
+ActAdd-LFS.
 
 Defaults (spec section 7): q = 0.1, r = 3, q_f = 0.1 (Gemma-2-2B toxicity); λ = 1.
 """
@@ -179,14 +183,21 @@ class LFSController(Controller):
         return out
 
     def alpha(self, k: int, z: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
-        """α_{k,c} = strength·λ_c·μ_{k,c} − v_{k,c}ᵀz, shape (B, T, C), in float32."""
+        """α_{k,c} = sign(s)·λ_c·μ_{k,c} − v_{k,c}ᵀz, shape (B, T, C), in float32 (the
+        strength's sign picks the side of the setpoint; :meth:`gain` is its magnitude)."""
         v = self._get("v", self.v, z)[:, k, :]  # (C, d)
         mu = self._get("mu", self.mu, z)[:, k]  # (C,)
         lam = self._get("lam", torch.tensor(self.lambdas), z)  # (C,)
         zf = z.to(torch.float32)
         proj = zf @ v.T  # (B, T, C)
-        target = strength.to(torch.float32)[:, None, None] * (lam * mu)[None, None, :]
+        side = torch.sign(strength.to(device=z.device, dtype=torch.float32))
+        target = side[:, None, None] * (lam * mu)[None, None, :]
         return target - proj
+
+    @staticmethod
+    def gain(strength: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """|s| per row, shaped (B, 1, 1) on ``like``'s device: the feedback's scale."""
+        return strength.to(device=like.device, dtype=torch.float32).abs()[:, None, None]
 
     def projection(self, k: int, z: torch.Tensor) -> torch.Tensor:
         """v_{k,c}ᵀ z for each concept: (B, T, C)."""
@@ -301,7 +312,7 @@ class ALQR(LFSController):
         k = site.layer
         alpha = self.alpha(k, self._read(ctx, k), strength)  # (B, T, C)
         w = self._get("w", self.w, h)[:, k, :]  # (C, d)
-        return (h.to(torch.float32) + alpha @ w).to(h.dtype)
+        return (h.to(torch.float32) + self.gain(strength, h) * (alpha @ w)).to(h.dtype)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"q": self.q, "r": self.r, "q_f": self.q_f, "lambdas": self.lambdas,
@@ -359,10 +370,14 @@ class SPID(LFSController):
       (L372). The runtime carries it per row in :attr:`StepContext.carry`, which starts empty
       at every steering context (one per generate call) and, in the server, per request.
 
-    Every forward pass reads the last position of each row (scope ``last``, the reference's
-    ``input[0][:, -1, :]``); with a wider scope the carried error is that of each row's last
-    position. The reference's ``self.e_sum`` and ``self.e_prev`` are shared by the whole batch
-    tensor, i.e. per row, as here.
+    The reference decodes one token per forward pass with the KV cache (``use_cache=True``)
+    and steers ``input[0][:, -1, :]``; its ``self.e_prev`` is a (B, d) tensor, i.e. per row,
+    as here. Ours keys the carried error by position so that the rule is a property of the
+    tokens, not of how the passes are cut: the token at position p uses e_{L−1} of position
+    p−1 when p−1 was the last steered token of an earlier pass, else 0. That is the
+    reference's rule for cached decoding, and it makes generation without a KV cache (each
+    pass recomputing every position) give the same tokens; in a pass that steers several
+    positions (a prefill with scope ``all``), those positions start from 0.
     """
 
     method = "spid"
@@ -402,18 +417,39 @@ class SPID(LFSController):
         return self
 
     def _carried(self, ctx: StepContext, like: torch.Tensor) -> torch.Tensor:
-        """The previous forward pass's last-block error of each row, (B, 1, d); zeros for a
-        row that has none (the first pass of its generation)."""
+        """e_prev at the first block, (B, T, d): for the token at position p, the last-block
+        error of position p−1 when that was the last steered token of an earlier forward
+        pass of the same row (decoding one token per pass, as the reference does), else 0."""
+        out = torch.zeros_like(like)
         rows = ctx.carry
-        zero = torch.zeros(like.shape[0], 1, like.shape[-1], dtype=like.dtype,
-                           device=like.device)
-        if not rows:
-            return zero
+        if not rows or len(rows) != like.shape[0]:
+            return out
         key = (id(self), "e_last")
-        if len(rows) != like.shape[0] or all(key not in r for r in rows):
-            return zero
-        return torch.stack([r[key].to(like.device) if key in r else zero[0, 0]
-                            for r in rows])[:, None, :]
+        pos = ctx.positions
+        for b, row in enumerate(rows):
+            store = row.get(key)
+            if not store:
+                continue
+            for t, p in enumerate(pos[b].tolist()):
+                prev = store.get(p - 1) if p > 0 else None
+                if prev is not None:
+                    out[b, t] = prev.to(device=like.device, dtype=like.dtype)
+        return out
+
+    def _store_last(self, ctx: StepContext, e: torch.Tensor) -> None:
+        """Keep each row's last steered token's last-block error, keyed by its position."""
+        rows = ctx.carry
+        if not rows or len(rows) != e.shape[0]:
+            return
+        key = (id(self), "e_last")
+        pos = ctx.positions
+        sel = pos >= 0 if ctx.steered is None else ctx.steered.to(pos.device) & (pos >= 0)
+        has = sel.any(dim=1).tolist()
+        last = (sel.long() * torch.arange(1, sel.shape[1] + 1, device=sel.device)).argmax(1)
+        for b, row in enumerate(rows):
+            if has[b]:
+                t = int(last[b])
+                row.setdefault(key, {})[int(pos[b, t])] = e[b, t].detach().clone()
 
     def steer(
         self, site: Site, h: torch.Tensor, strength: torch.Tensor, ctx: StepContext
@@ -430,13 +466,9 @@ class SPID(LFSController):
         else:
             integral = state["I"] + e if chained else e
         state.update(k=k, e=e, I=integral)
-        u = self.kp * e + self.ki * integral + self.kd * (e - prev)
-        if k == self.num_layers - 1 and ctx.carry is not None \
-                and len(ctx.carry) == e.shape[0]:
-            last = e[:, -1, :].detach()
-            key = (id(self), "e_last")
-            for b, row in enumerate(ctx.carry):
-                row[key] = last[b]
+        u = self.gain(strength, h) * (self.kp * e + self.ki * integral + self.kd * (e - prev))
+        if k == self.num_layers - 1:
+            self._store_last(ctx, e)
         return (h.to(torch.float32) + u).to(h.dtype)
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -492,7 +524,7 @@ class ActAddLFS(LFSController):
         self._check_width(h)
         k = site.layer
         alpha = self.alpha(k, self._read(ctx, k), strength)
-        u = self.kp * (alpha @ self._get("v", self.v, h)[:, k, :])
+        u = self.gain(strength, h) * self.kp * (alpha @ self._get("v", self.v, h)[:, k, :])
         return (h.to(torch.float32) + u).to(h.dtype)
 
     def hyperparameters(self) -> dict[str, Any]:

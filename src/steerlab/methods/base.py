@@ -41,6 +41,9 @@ class StepContext:
     # ``__enter__`` (so nothing leaks between generate calls); the server keeps one per
     # request, so rows joining or leaving a continuous batch never see each other's state.
     carry: list[dict[Any, Any]] | None = None
+    # (batch, seq) bool: the positions where the runtime writes this controller's result
+    # (None: every position); set by the runtime before each ``steer`` call.
+    steered: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ batch its own controllers and strengths. Semantics (see docs/architecture.md):
   cached and uncached generation steer the same tokens.
 * Rows are independent. Each (controller, scope) pair carries a per-row strength and a
   per-row "active" flag (a row whose strengths for a controller sum to 0 is not active:
-  strength 0 is the unsteered model for every method); the steered tensor is written only where the row is active and the
-  scope selects the position (``torch.where``), so a row with no controller is
-  bit-identical to unsteered generation of the same batch.
+  strength 0 is the unsteered model for every method); the steered tensor is written only
+  where the row is active and the scope selects the position (``torch.where``), so a row
+  with no controller is bit-identical to unsteered generation of the same batch.
 * Hooks never outlive the context: they are removed in ``__exit__``, also when the body
   raises. A context holds no state after it exits and can be re-entered.
 """

@@ -48,3 +48,44 @@ def test_build_controller_maps_layer_and_rejects_unknown_hyperparameters() -> No
     probe = fit_method(lm, "probe", PAIRS, layer=0)
     assert [str(s) for s in probe.sites] == ["resid_post.0"]
     assert all(torch.isfinite(v).all() for v in probe.vectors.values())
+
+
+def _fitted(method: str) -> object:
+    lm = tiny_model("llama", chat=True)
+    if method == "sas":
+        from steerlab.methods import SAS
+        from test_sas import _data, _sae
+
+        d = lm.info.hidden_size
+        c = SAS(1, sae=_sae("topk", d=d, m=4 * d), tau=0.1, scope="all")
+        c.fit(*_data(d=d))
+        c.model_info = lm.info
+        return c
+    hp: dict[str, object] = {"epochs": 3, "warmup_epochs": 1} if method == "innsteer" else {}
+    if method == "iti":
+        hp = {"top_k": 2}
+    return fit_method(lm, method, PAIRS, layer=-1, recipe="mean", scope="all", **hp)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_strength_zero_is_exactly_the_unsteered_model(method: str) -> None:
+    """docs/strength.md: strength 0 is the unsteered model for every registered method,
+    bit for bit (logits of a padded batch, and greedy tokens), alone or beside other rows."""
+    from steerlab.runtime import steering, tokenize_prompts
+
+    lm = tiny_model("llama", chat=True)
+    c = _fitted(method)
+    prompts = ["Hello there", "a much longer prompt than the first one"]
+    enc = tokenize_prompts(lm, prompts, rendered=False)
+    with torch.no_grad():
+        plain = lm.model(**enc).logits
+        with steering(lm, Steer(c, 0.0)):  # type: ignore[arg-type]
+            zero = lm.model(**enc).logits
+        with steering(lm, Steer(c, 1.0)):  # type: ignore[arg-type]
+            one = lm.model(**enc).logits
+    assert torch.equal(zero, plain)
+    assert not torch.equal(one, plain), "strength 1 must steer (the test could not fail)"
+    base = generate(lm, prompts, max_new_tokens=4, render=False)
+    rows = generate(lm, prompts, rows=[[Steer(c, 0.0)], [Steer(c, 0.0)]],  # type: ignore[arg-type]
+                    max_new_tokens=4, render=False)
+    assert rows == base

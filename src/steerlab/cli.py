@@ -170,6 +170,30 @@ def _fit_baseline(lm: Any, method: str, data: str, limit: int, layer_list: list[
     return fit_contrastive(lm, dataset, make[method]())
 
 
+def _fit_auto(lm: Any, method: str, data: str, limit: int, layer_list: list[int],
+              given: set[str], options: dict[str, Any], *, recipe: str, scope: str,
+              preset: str | None, budget: float) -> Any:
+    """``fit --auto``: :func:`steerlab.autotune.auto_fit` with the flags the user gave."""
+    from steerlab.autotune import auto_fit
+    from steerlab.data import load_dataset, sentiment_pairs
+    from steerlab.fitting import build_controller
+    from steerlab.methods import METHODS
+
+    if method not in METHODS:
+        raise SteerlabError(f"unknown method {method!r}; use {', '.join(sorted(METHODS))}")
+    dataset = sentiment_pairs() if data == "sentiment" else load_dataset(data)
+    if limit:
+        dataset = dataset[:limit]
+    build_controller(method, lm)  # refuse an unknown method or flag before any fitting
+    hp = {k: v for k, v in options.items() if k in given}
+    if method == "innsteer" and "epochs" in hp:
+        hp["warmup_epochs"] = min(60, int(hp["epochs"]) // 5)
+    return auto_fit(lm, method, dataset, layers=layer_list if "layers" in given else None,
+                    budget=budget, progress=True,
+                    recipe=recipe if "recipe" in given or method in LFS_METHODS else None,
+                    scope=scope if "scope" in given else None, preset=preset, **hp)
+
+
 @app.command()
 def fit(
     ctx: typer.Context,
@@ -212,6 +236,13 @@ def fit(
                                               "feature direction)")] = 0.0,
     adaptive: Annotated[bool, typer.Option(help="angular: adaptive angular steering")] = False,
     reg: Annotated[float, typer.Option(help="MiMiC: covariance regularisation")] = 1e-2,
+    auto: Annotated[bool, typer.Option(
+        "--auto", help="choose the block (among --layers if given, else a few depths) and "
+                       "a strength on a validation slice of the data within --budget; "
+                       "stored in the artifact, used by generate when no --strength is "
+                       "given")] = False,
+    budget: Annotated[float, typer.Option(
+        help="--auto's fluency budget: mean next-token KL in nats")] = 0.25,
 ) -> None:
     """Fit a controller (caa, actadd, alqr, alqr_plus, spid, actadd_lfs, odesteer,
     step_odesteer, innsteer, sas, iti, repe, probe, mean_act, linear_act, mimic, angular) and
@@ -235,13 +266,22 @@ def fit(
         if recipe is None:
             recipe = "last" if method in LFS_METHODS else "mean"
         lm = _load(model)
-        if method == "caa":
+        options = {"lambdas": lam, "q": q, "r": r, "q_f": q_f, "keep_K": keep_k,
+                   "epochs": epochs, "direction": direction, "sae": sae, "tau": tau,
+                   "embed_sae": embed_sae, "top_k": top_k, "alpha": alpha, "variant": variant,
+                   "angle": angle, "adaptive": adaptive, "reg": reg, "positive": positive,
+                   "negative": negative}
+        if auto:
+            controller: Any = _fit_auto(lm, method, data, limit, layer_list, given, options,
+                                        recipe=recipe, scope=scope, preset=preset,
+                                        budget=budget)
+        elif method == "caa":
             dataset = sentiment_pairs() if data == "sentiment" else load_dataset(data)
             if not isinstance(dataset, ContrastiveSet):
                 raise SteerlabError(f"{data} is a labelled set; CAA needs contrastive pairs")
             if limit:
                 dataset = dataset[:limit]
-            controller: Any = fit_caa(
+            controller = fit_caa(
                 lm, dataset, _make(CAA, preset, given, layers=layer_list, recipe=recipe,
                                    scope=scope))
         elif method == "actadd":
@@ -328,7 +368,8 @@ def generate(
         list[Path] | None, typer.Option(help="artifact(s) to apply; repeat for several")
     ] = None,
     strength: Annotated[
-        list[float] | None, typer.Option(help="strength per --steer (default 1.0)")
+        list[float] | None, typer.Option(help="strength per --steer (default: the one "
+                                                 "fit --auto stored, else 1.0)")
     ] = None,
     scope: Annotated[str | None, typer.Option(help="token scope override")] = None,
     max_new_tokens: Annotated[int, typer.Option()] = 64,
@@ -344,8 +385,12 @@ def generate(
         from steerlab.runtime import generate as run_generate
 
         lm = _load(model)
+        from steerlab.autotune import stored_strength
+
         paths = steer or []
-        strengths = strength or [1.0] * len(paths)
+        loaded = [artifacts.load(p, lm.info, strict=strict) for p in paths]
+        # no --strength: each artifact's --auto strength, else 1 (the paper's intervention)
+        strengths = strength or [stored_strength(c) or 1.0 for c in loaded]
         if len(strengths) == 1 and len(paths) > 1:
             strengths = strengths * len(paths)
         if len(strengths) != len(paths):
@@ -353,10 +398,7 @@ def generate(
                 f"give one --strength per --steer ({len(paths)} artifacts, "
                 f"{len(strengths)} strengths)"
             )
-        steers = [
-            Steer(artifacts.load(p, lm.info, strict=strict), s, scope)
-            for p, s in zip(paths, strengths, strict=True)
-        ]
+        steers = [Steer(c, s, scope) for c, s in zip(loaded, strengths, strict=True)]
         outs = run_generate(lm, prompt, steers=steers or None, max_new_tokens=max_new_tokens)
         plain = run_generate(lm, prompt, max_new_tokens=max_new_tokens) if compare else None
         for i, (p, o) in enumerate(zip(prompt, outs, strict=True)):

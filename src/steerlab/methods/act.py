@@ -309,7 +309,7 @@ class LinearAcT(_AcT):
         layers: block index or indices to steer.
         site: ``"resid_post"`` (block output) or ``"resid_pre"`` (block input).
         recipe: which token the fit reads (``"ab"``, ``"last"``, ``"mean"``), as CAA.
-        scope: default token scope (``"last"``).
+        scope: default token scope (``"all"``: AcT maps every token's activations).
         support: apply the map only strictly inside the negative samples' [min, max] range,
             per dimension (ml-act's Linear-AcT default, ``q_0_100``).
         balance: unequal class sizes: ``"subsample"`` the larger class at random (ml-act) or
@@ -330,7 +330,7 @@ class LinearAcT(_AcT):
         *,
         site: SiteKindArg = "resid_post",
         recipe: Recipe = "last",
-        scope: str = "last",
+        scope: str = "all",
         support: bool = True,
         balance: Balance = "subsample",
         seed: int = 0,
@@ -393,7 +393,7 @@ class MeanAcT(_AcT):
         *,
         site: SiteKindArg = "resid_post",
         recipe: Recipe = "last",
-        scope: str = "last",
+        scope: str = "all",
         support: bool = False,
         std_eps: float = 1e-4,
     ) -> None:

@@ -36,7 +36,8 @@ class ActAdd(AdditiveController):
         positive, negative: the prompt pair.
         mode: ``"vector"`` (last-token difference, default) or ``"positional"`` (the paper's
             per-position difference added at the first positions).
-        scope: token scope for ``mode="vector"``.
+        scope: token scope (``"all"``: the paper injects at the prompt's front positions,
+            which ``mode="positional"`` needs in scope; ``mode="vector"`` adds everywhere).
     """
 
     method = "actadd"
@@ -48,7 +49,7 @@ class ActAdd(AdditiveController):
         positive: str = "Love",
         negative: str = "Hate",
         mode: Literal["vector", "positional"] = "vector",
-        scope: str = "last",
+        scope: str = "all",
     ) -> None:
         super().__init__()
         if mode not in ("vector", "positional"):

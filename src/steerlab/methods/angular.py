@@ -97,7 +97,7 @@ class AngularSteering(Controller):
         angle: float = 0.0,
         adaptive: bool = False,
         second: Second = "pca",
-        scope: str = "last",
+        scope: str = "all",
     ) -> None:
         super().__init__()
         if recipe not in ("ab", "last", "mean"):

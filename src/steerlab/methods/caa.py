@@ -15,11 +15,13 @@ and steering adds it, scaled by the strength (CAA's "multiplier") m, to the resi
 Recipes (which token is read): ``"ab"`` reads CAA's A/B answer letter (the "A" of "(A)", the
 paper's position −2); ``"last"`` reads the last token of prompt + completion; ``"mean"``
 averages over the completion's tokens. The paper applies the vector to every position from
-the end of the instruction on (scope ``from:-1``); steerlab's default scope is ``last``
-(the last prompt token and every generated token), which is identical for generation from a
-rendered chat prompt. Optional rescaling: ``normalize=c`` rescales every layer's vector to
-norm ``c``; :func:`normalize_across` does the reference code's ``normalize_vectors.py``
-(each behaviour's vector rescaled to the mean norm across behaviours, layer by layer).
+the end of the instruction on (scope ``from:-1``, steerlab's default; ``last`` steers the
+same tokens in generation, ``all`` also the user prompt, as steering-vectors and repeng do).
+Strength (``docs/strength.md``): m = 1 adds v once, m = 0 is the unsteered model, m < 0
+subtracts it (the opposite behaviour). Optional rescaling: ``normalize=c`` rescales every
+layer's vector to norm ``c``; :func:`normalize_across` does the reference code's
+``normalize_vectors.py`` (each behaviour's vector rescaled to the mean norm across
+behaviours, layer by layer).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class CAA(AdditiveController):
         site: ``"resid_post"`` (block output, the paper's choice) or ``"resid_pre"``.
         recipe: ``"ab"``, ``"last"`` or ``"mean"`` (which token the fit reads).
         normalize: if given, rescale each layer's vector to this L2 norm.
-        scope: default token scope (``"last"``; CAA's own is ``"from:-1"``).
+        scope: default token scope (``"from:-1"``, CAA's own).
     """
 
     method = "caa"
@@ -121,7 +123,7 @@ class CAA(AdditiveController):
         site: Literal["resid_post", "resid_pre"] = "resid_post",
         recipe: Recipe = "last",
         normalize: float | None = None,
-        scope: str = "last",
+        scope: str = "from:-1",
     ) -> None:
         super().__init__()
         if recipe not in ("ab", "last", "mean"):

@@ -207,7 +207,7 @@ class RepE(DirectionController):
         variant: Variant = "pca_diff",
         seed: int | None = None,
         scale: Scale = "projected",
-        scope: str = "last",
+        scope: str = "all",
     ) -> None:
         super().__init__(layers, site=site, recipe=recipe, scale=scale, scope=scope)
         if variant not in ("pca_diff", "pca_center"):

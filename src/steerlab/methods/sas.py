@@ -114,7 +114,7 @@ class SAS(Controller):
         recipe: Recipe = "ab",
         site: Literal["resid_post"] = "resid_post",
         embed_sae: bool = True,
-        scope: str = "last",
+        scope: str = "from:-1",
     ) -> None:
         super().__init__()
         if site != "resid_post":

@@ -1,0 +1,287 @@
+"""Calibrated defaults (``steerlab fit --auto``, ``fit_method(..., auto=True)``): the block and
+the strength of any method, chosen on validation data drawn from its training data under a
+fluency budget. One rule, one function, for every registered method.
+
+**Data.** A seeded split of the training set (``val_fraction``, default 0.2, at least one
+row): the controller is fitted on the rest, never on the validation rows, and nothing here
+reads evaluation prompts.
+
+**Behaviour.** On the validation rows, teacher-forced, with steering applied as in
+generation (the row's prompt length is given to the runtime, so scopes select the same
+tokens they would while generating): for a contrastive set, the mean over pairs of
+``logp(positive completion) − logp(negative completion)`` (token-mean log-probabilities
+given the rendered prompt); for a labelled set, the mean token log-probability of the
+positive texts minus that of the negative texts. The *change* is this score steered minus
+unsteered: positive strengths must raise it.
+
+**Fluency.** The mean next-token KL(p_unsteered ‖ p_steered) over the same steered positions
+(every token predicted after the prompt). A candidate is admissible when that KL is at most
+``budget`` (nats; default 0.25, the results page's budget).
+
+**Search.** Block candidates: ``layers`` if given, else four blocks at 25, 40, 50 and 60 % of
+the depth for methods that take a block (methods that steer every block, A-LQR and S-PID,
+have one candidate). Per candidate, strengths ``start·2^i`` (i = 0 … ``max_doublings``) in
+each direction, stopping at the first one over the budget (the KL grows with |s|); the
+chosen (block, strength) has the largest change among admissible candidates, the negative
+direction's best strength is kept too. The controller of the chosen block is returned, with
+``fit_info["auto"]`` holding the choice, the budget and every measured point; ``steerlab
+generate`` uses ``auto.strength`` when no strength is given.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from steerlab.data import ContrastiveSet, LabeledSet, Renderer
+from steerlab.errors import DataError
+from steerlab.models import LoadedModel
+
+DEPTH_FRACTIONS = (0.25, 0.4, 0.5, 0.6)
+
+
+@dataclass
+class AutoChoice:
+    """What :func:`auto_fit` chose and measured (stored as ``fit_info["auto"]``)."""
+
+    layer: int | None
+    strength: float
+    strength_negative: float | None
+    change: float
+    change_negative: float | None
+    kl: float
+    budget: float
+    val_rows: int
+    baseline_score: float
+    points: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Rows:
+    """Tokenised validation rows: ids, prompt length, class (+1 / −1), pair index."""
+
+    ids: list[list[int]]
+    prompt_len: list[int]
+    sign: list[int]
+    pair: list[int]
+    contrastive: bool
+
+
+def validation_split(data: ContrastiveSet | LabeledSet, val_fraction: float,
+                     seed: int) -> tuple[Any, Any]:
+    """(train, validation) parts: the set's own seeded split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    return data.split(test_fraction=val_fraction, seed=seed)
+
+
+def _rows(lm: LoadedModel, data: ContrastiveSet | LabeledSet) -> _Rows:
+    tok = lm.tokenizer
+    if isinstance(data, LabeledSet):
+        ids, plen, sign = [], [], []
+        for t in data:
+            x = list(tok(t.text, add_special_tokens=True)["input_ids"])
+            if len(x) >= 2:
+                ids.append(x)
+                plen.append(1)
+                sign.append(1 if t.label == 1 else -1)
+        if 1 not in sign or -1 not in sign:
+            raise DataError("the validation part needs texts of both classes")
+        return _Rows(ids, plen, sign, list(range(len(ids))), contrastive=False)
+    renderer = Renderer(tok)
+    add_special = renderer.mode != "chat"
+    sep = "" if renderer.mode == "chat" else " "
+    out = _Rows([], [], [], [], contrastive=True)
+    for i, p in enumerate(data):
+        prompt = renderer.prompt(p.prompt)
+        n = len(tok(prompt, add_special_tokens=add_special)["input_ids"])
+        for completion, s in ((p.positive, 1), (p.negative, -1)):
+            x = list(tok(prompt + sep + completion, add_special_tokens=add_special)["input_ids"])
+            if len(x) > n:
+                out.ids.append(x)
+                out.prompt_len.append(n)
+                out.sign.append(s)
+                out.pair.append(i)
+    if not out.ids:
+        raise DataError("every validation completion is empty")
+    return out
+
+
+class _Scorer:
+    """Unsteered log-probabilities cached once; each steered candidate is one pass more."""
+
+    def __init__(self, lm: LoadedModel, rows: _Rows, batch_size: int) -> None:
+        self.lm, self.rows, self.batch_size = lm, rows, batch_size
+        self._base: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for batch in self._batches():
+            logp = self._logp(batch, None)
+            self._base.append(logp)
+        self.baseline = self._score([t for t, _ in self._base])
+
+    def _batches(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]]:
+        pad = self.lm.tokenizer.pad_token_id
+        pad = pad if pad is not None else 0
+        out = []
+        n = len(self.rows.ids)
+        for start in range(0, n, self.batch_size):
+            idx = list(range(start, min(n, start + self.batch_size)))
+            length = max(len(self.rows.ids[i]) for i in idx)
+            ids = torch.full((len(idx), length), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), length), dtype=torch.long)
+            target = torch.zeros((len(idx), length), dtype=torch.bool)
+            for r, i in enumerate(idx):
+                x = self.rows.ids[i]
+                off = length - len(x)
+                ids[r, off:] = torch.tensor(x)
+                mask[r, off:] = 1
+                target[r, off + self.rows.prompt_len[i]:] = True
+            out.append((ids, mask, target, idx))
+        return out
+
+    def _logp(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]],
+              steers: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: mean log-prob of its target tokens (B,), and the log-softmax at every
+        predicting position of a target token (N_pos, V)."""
+        from steerlab.runtime import steering
+
+        ids, mask, target, idx = batch
+        lm = self.lm
+        with torch.no_grad():
+            kw = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
+            if steers is None:
+                logits = lm.model(**kw).logits
+            else:
+                with steering(lm, steers, prompt_len=[self.rows.prompt_len[i] for i in idx]):
+                    logits = lm.model(**kw).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+        sel = target[:, 1:]
+        tok_lp = logp.gather(2, ids[:, 1:, None])[..., 0]
+        per_row = (tok_lp * sel).sum(1) / sel.sum(1).clamp_min(1)
+        return per_row, logp[sel]
+
+    def _score(self, per_row_batches: Sequence[torch.Tensor]) -> float:
+        per_row = torch.cat(list(per_row_batches))
+        sign = torch.tensor(self.rows.sign, dtype=torch.float32)
+        if self.rows.contrastive:
+            by_pair: dict[int, float] = {}
+            for lp, s, pr in zip(per_row.tolist(), sign.tolist(), self.rows.pair, strict=True):
+                by_pair[pr] = by_pair.get(pr, 0.0) + s * lp
+            return sum(by_pair.values()) / len(by_pair)
+        pos, neg = per_row[sign > 0], per_row[sign < 0]
+        return float(pos.mean() - neg.mean())
+
+    def measure(self, steers: Any) -> tuple[float, float]:
+        """(behaviour change, mean next-token KL) under ``steers``."""
+        per_rows, kl_sum, n = [], 0.0, 0
+        for batch, (_, base_lp) in zip(self._batches(), self._base, strict=True):
+            per_row, lq = self._logp(batch, steers)
+            per_rows.append(per_row)
+            kl_sum += float((base_lp.exp() * (base_lp - lq)).sum())
+            n += int(base_lp.shape[0])
+        return self._score(per_rows) - self.baseline, kl_sum / max(n, 1)
+
+
+def layer_candidates(method: str, lm: LoadedModel,
+                     layers: Sequence[int] | None) -> Sequence[int | None]:
+    """The blocks to try: ``layers`` if given, else a few depths for methods with a block."""
+    import inspect
+
+    from steerlab.methods import METHODS
+
+    params: set[str] = set()
+    for klass in METHODS[method].__mro__:
+        own = inspect.signature(klass.__init__).parameters  # type: ignore[misc]
+        params |= set(own)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values()):
+            break
+    if "layer" not in params and "layers" not in params:
+        return [None]
+    if layers:
+        return [int(x) for x in layers]
+    n = lm.info.num_layers
+    return [*sorted({min(n - 1, max(0, round(f * n))) for f in DEPTH_FRACTIONS})]
+
+
+def auto_fit(
+    lm: LoadedModel,
+    method: str,
+    data: ContrastiveSet | LabeledSet,
+    *,
+    layers: Sequence[int] | None = None,
+    budget: float = 0.25,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    start: float = 0.5,
+    max_doublings: int = 7,
+    batch_size: int = 8,
+    progress: bool = False,
+    **fit_kwargs: Any,
+) -> Any:
+    """Fit ``method`` at each candidate block on the training part and return the controller
+    whose (block, strength) changes the validation behaviour most within the KL ``budget``
+    (module docstring). ``fit_kwargs`` go to :func:`steerlab.fitting.fit_method`."""
+    from steerlab.fitting import fit_method
+    from steerlab.runtime import Steer
+
+    if not math.isfinite(budget) or budget <= 0:
+        raise DataError(f"the fluency budget must be a positive number of nats, got {budget}")
+    if start <= 0 or not math.isfinite(start):
+        raise DataError(f"start must be a positive strength, got {start}")
+    t0 = time.perf_counter()
+    train, val = validation_split(data, val_fraction, seed)
+    scorer = _Scorer(lm, _rows(lm, val), batch_size)
+    points: list[dict[str, Any]] = []
+    best: dict[int, tuple[float, float, float, Any, int | None]] = {}  # sign -> choice
+    candidates = layer_candidates(method, lm, layers)
+    iterator: Any = candidates
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(candidates, desc="auto: blocks", unit="block")
+    for layer in iterator:
+        controller = fit_method(lm, method, train, layer=layer, **fit_kwargs)
+        for sign in (1, -1):
+            for i in range(max_doublings + 1):
+                s = sign * start * 2.0 ** i
+                change, kl = scorer.measure(Steer(controller, s))
+                points.append({"layer": layer, "strength": s, "change": round(change, 5),
+                               "kl": round(kl, 5)})
+                if kl > budget or not math.isfinite(kl):
+                    break
+                gain = sign * change
+                if gain > 0 and (sign not in best or gain > best[sign][0]):
+                    best[sign] = (gain, s, kl, controller, layer)
+    if 1 not in best:
+        raise DataError(
+            f"--auto: no strength of {method} raised the validation behaviour within a "
+            f"next-token KL of {budget:g} nats (blocks {candidates}); raise the budget or give "
+            f"the layer and strength yourself")
+    gain, s, kl, controller, layer = best[1]
+    neg = best.get(-1)
+    choice = AutoChoice(
+        layer=layer, strength=s, strength_negative=neg[1] if neg else None,
+        change=round(gain, 5), change_negative=round(-neg[0], 5) if neg else None,
+        kl=round(kl, 5), budget=budget, val_rows=len(scorer.rows.ids),
+        baseline_score=round(scorer.baseline, 5), points=points,
+        seconds=round(time.perf_counter() - t0, 3))
+    controller.fit_info["auto"] = choice.as_dict()
+    return controller
+
+
+def stored_strength(controller: Any) -> float | None:
+    """The strength ``--auto`` chose for this controller (None if it was not auto-fitted)."""
+    auto = controller.fit_info.get("auto") if isinstance(controller.fit_info, dict) else None
+    if isinstance(auto, dict):
+        s = auto.get("strength")
+        if isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s):
+            return float(s)
+    return None

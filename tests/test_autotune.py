@@ -1,0 +1,90 @@
+"""Calibrated defaults: ``fit_method(..., auto=True)`` and ``steerlab fit --auto`` choose the
+block and strength on a validation slice of the training data under a KL budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from steerlab import artifacts
+from steerlab.autotune import (
+    _rows,
+    _Scorer,
+    layer_candidates,
+    stored_strength,
+    validation_split,
+)
+from steerlab.cli import app
+from steerlab.data import ContrastivePair, ContrastiveSet
+from steerlab.errors import DataError
+from steerlab.fitting import fit_method
+from steerlab.runtime import Steer
+from tiny_models import save_tiny_model, tiny_model
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+# On the seeded tiny model, adding these pairs' direction raises log p(positive completion):
+# the random network has no semantics, so which way works is a property of this set.
+PAIRS = ContrastiveSet([
+    ContrastivePair(f"Tell me about day {i}.", f"It was awful and sad {i}.",
+                    f"It was wonderful and happy {i}.") for i in range(8)
+], name="tiny-auto")
+
+
+def test_auto_chooses_the_best_admissible_point_and_records_it() -> None:
+    lm = tiny_model("llama", chat=True)
+    c = fit_method(lm, "odesteer", PAIRS, auto=True, budget=0.5)
+    a = c.fit_info["auto"]
+    assert a["layer"] == c.layer and a["kl"] <= 0.5 and a["change"] > 0
+    admissible = [p for p in a["points"] if p["kl"] <= 0.5 and p["strength"] > 0]
+    assert a["change"] == max(p["change"] for p in admissible)
+    assert {p["layer"] for p in a["points"]} == set(layer_candidates("odesteer", lm, None))
+    assert stored_strength(c) == a["strength"]
+    # fitted on the training part only (the other pairs validate; ODESteer holds out part of
+    # its training rows for its own accuracy figure)
+    train, val = validation_split(PAIRS, 0.2, 0)
+    held = c.fit_info.get("n_heldout", [0, 0])
+    assert c.fit_info["n_train"][0] + held[0] == len(train) and a["val_rows"] == 2 * len(val)
+    # the recorded point is what the scorer measures for the returned controller
+    scorer = _Scorer(lm, _rows(lm, val), 8)
+    change, kl = scorer.measure(Steer(c, a["strength"]))
+    assert change == pytest.approx(a["change"], abs=1e-4) and kl == pytest.approx(a["kl"],
+                                                                                 abs=1e-4)
+
+
+def test_methods_without_a_block_have_one_candidate_and_nothing_feasible_raises() -> None:
+    lm = tiny_model("llama", chat=True)
+    assert layer_candidates("alqr", lm, None) == [None]
+    assert layer_candidates("caa", lm, [1]) == [1]
+    flipped = ContrastiveSet([ContrastivePair(p.prompt, p.negative, p.positive)
+                              for p in PAIRS], name="flipped")
+    with pytest.raises(DataError, match="no strength of caa raised"):
+        fit_method(lm, "caa", flipped, auto=True, budget=0.5, recipe="last")
+    with pytest.raises(DataError, match="budget"):
+        fit_method(lm, "caa", PAIRS, auto=True, budget=float("nan"))
+
+
+def test_cli_auto_stores_the_choice_and_generate_uses_it(tmp_path: Path) -> None:
+    folder = save_tiny_model("llama", 0, tmp_path / "m")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p.prompt, "positive": p.positive,
+                                          "negative": p.negative}) for p in PAIRS) + "\n")
+    art = tmp_path / "auto.safetensors"
+    runner = CliRunner()
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", "odesteer", "--data",
+                            str(data), "--auto", "--budget", "0.5", "--out", str(art)])
+    assert r.exit_code == 0, r.output
+    a = artifacts.read_metadata(art)["fit"]["auto"]
+    assert a["kl"] <= 0.5
+    r1 = runner.invoke(app, ["generate", "hello", "--model", str(folder), "--steer", str(art),
+                             "--max-new-tokens", "6"])
+    r2 = runner.invoke(app, ["generate", "hello", "--model", str(folder), "--steer", str(art),
+                             "--max-new-tokens", "6", "--strength", str(a["strength"])])
+    r3 = runner.invoke(app, ["generate", "hello", "--model", str(folder), "--steer", str(art),
+                             "--max-new-tokens", "6", "--strength", "1"])
+    assert r1.exit_code == r2.exit_code == 0, r1.output
+    assert r1.output.splitlines()[-1] == r2.output.splitlines()[-1]
+    assert a["strength"] == 1.0 or r3.output != r1.output

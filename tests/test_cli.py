@@ -221,3 +221,20 @@ def test_a_preset_a_method_does_not_have_is_refused(folder: Path, data: Path,
     r = runner.invoke(app, ["fit", "--model", str(folder), "--method", "repe", "--data",
                             str(data), "--preset", "paper", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "no preset 'paper' for repe" in r.output, r.output
+
+
+def test_iti_tuning_file_and_paper_preset(folder: Path, data: Path, labelled: Path,
+                                          tmp_path: Path) -> None:
+    """``--tuning FILE`` sets ITI's σ from a separate set; ``--preset paper`` records the
+    reference's K, α, seed and validation ratio (an explicit --top-k overrides K)."""
+    from steerlab import artifacts
+
+    art = tmp_path / "iti.safetensors"
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", "iti", "--data",
+                            str(data), "--recipe", "last", "--preset", "paper", "--top-k", "3",
+                            "--tuning", str(labelled), "--out", str(art)])
+    assert r.exit_code == 0, r.output
+    meta = artifacts.read_metadata(art)
+    assert meta["fit"]["tuning"] == "given"
+    assert meta["fit"]["preset"]["overrides"] == ["recipe", "top_k"]
+    assert meta["hyperparameters"]["top_k"] == 3 and meta["hyperparameters"]["alpha"] == 15.0

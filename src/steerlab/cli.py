@@ -155,8 +155,10 @@ def _fit_baseline(lm: Any, method: str, data: str, limit: int, layer_list: list[
         recipe = "last"
     kw: dict[str, Any] = {"recipe": recipe, "scope": scope}
     if method == "iti":
+        tuning_set = load_dataset(opts["tuning"]) if opts.get("tuning") else None
         return fit_iti(lm, dataset, _make(ITI, preset, set(given), top_k=opts["top_k"],
-                                          alpha=opts["alpha"], **kw))
+                                          alpha=opts["alpha"], **kw),
+                       tuning=tuning_set, tuning_fraction=opts.get("tuning_fraction"))
     if method == "angular":
         return fit_angular(lm, dataset, AngularSteering(
             layers=layer_list, angle=opts["angle"], adaptive=opts["adaptive"], **kw))
@@ -231,6 +233,12 @@ def fit(
     top_k: Annotated[int | None, typer.Option(help="ITI: heads to steer (default 48, "
                                                    "capped by the model's head count)")] = None,
     alpha: Annotated[float, typer.Option(help="ITI: α, the shift in head-output stds")] = 15.0,
+    tuning: Annotated[str | None, typer.Option(
+        help="ITI: a dataset file whose activations set σ (default: a held-out slice of "
+             "the data's questions, see --tuning-fraction)")] = None,
+    tuning_fraction: Annotated[float | None, typer.Option(
+        help="ITI: fraction of the questions held out for σ when no --tuning file is given "
+             "(default 0.2; the paper preset's 0.5)")] = None,
     variant: Annotated[str, typer.Option(help="RepE: pca_diff or pca_center")] = "pca_diff",
     angle: Annotated[float, typer.Option(help="angular: target angle (degrees from the "
                                               "feature direction)")] = 0.0,
@@ -345,6 +353,7 @@ def fit(
         elif method in BASELINES:
             controller = _fit_baseline(lm, method, data, limit, layer_list, recipe, scope,
                                        preset=preset, given=given, top_k=top_k, alpha=alpha,
+                                       tuning=tuning, tuning_fraction=tuning_fraction,
                                        variant=variant, angle=angle,
                                        adaptive=adaptive, reg=reg)
         else:

@@ -112,6 +112,9 @@ class LabeledText:
 
     text: str
     label: int
+    group: str | None = None
+    """Optional id of the question (or other unit) the text belongs to, e.g. the TruthfulQA
+    question of an answer: methods that split data (ITI) keep a group on one side."""
 
 
 def _sha256_json(obj: Any) -> str:
@@ -679,7 +682,8 @@ def load_truthfulqa_labeled(path: PathLike) -> LabeledSet:
     """``"Q: {question} A: {answer}"`` for every correct (1) and incorrect (0) answer.
 
     Correct answers are the ``Correct Answers`` column, with ``Best Answer`` added first when it
-    is not already there; duplicates within a question are dropped.
+    is not already there; duplicates within a question are dropped. Each item's ``group`` is
+    its question, so a split by group (ITI's) keeps a question's answers on one side.
     """
     p, records = _truthfulqa_rows(
         path, ("Question", "Best Answer", "Correct Answers", "Incorrect Answers")
@@ -692,8 +696,8 @@ def load_truthfulqa_labeled(path: PathLike) -> LabeledSet:
         if best not in correct:
             correct.insert(0, best)
         incorrect = _split_answers(_field(p, where, row, "Incorrect Answers"))
-        items.extend(LabeledText(f"Q: {question} A: {a}", 1) for a in correct)
-        items.extend(LabeledText(f"Q: {question} A: {a}", 0) for a in incorrect)
+        items.extend(LabeledText(f"Q: {question} A: {a}", 1, question) for a in correct)
+        items.extend(LabeledText(f"Q: {question} A: {a}", 0, question) for a in incorrect)
     return LabeledSet(items, name="truthfulqa").validate()
 
 

@@ -507,11 +507,66 @@ def fit_contrastive(
     return _record_fit(controller, lm, data, position, t_collect, t_fit)
 
 
+DEFAULT_ITI_TUNING_FRACTION = 0.2
+
+
+def _iti_hold_out(
+    data: ContrastiveSet | LabeledSet, fraction: float, seed: int,
+) -> tuple[ContrastiveSet | LabeledSet, ContrastiveSet | LabeledSet | None, int]:
+    """``fit_iti``'s default tuning set: (probe part, held-out part or None, questions held
+    out). The units are questions (a pair's prompt, a labelled item's ``group``; an item
+    without one is its own unit); round(fraction·U) of the U units (at least 1, leaving at
+    least 2), drawn by ``numpy.random.default_rng(seed).permutation(U)``, are held out, each
+    part keeping the data's order. With fewer than 3 units nothing is held out."""
+    import numpy as np
+
+    if isinstance(data, ContrastiveSet):
+        keys: list[Any] = [("q", p.prompt) for p in data]
+    else:
+        keys = [("q", t.group) if t.group is not None else ("row", i)
+                for i, t in enumerate(data)]
+    number: dict[Any, int] = {}
+    for key in keys:
+        number.setdefault(key, len(number))
+    n_units = len(number)
+    if n_units < 3:
+        return data, None, 0
+    n_held = min(max(round(n_units * fraction), 1), n_units - 2)
+    held = {int(u) for u in np.random.default_rng(seed).permutation(n_units)[:n_held]}
+    out = [number[key] in held for key in keys]
+    if isinstance(data, ContrastiveSet):
+        pairs = list(data)
+        return (ContrastiveSet([p for p, o in zip(pairs, out, strict=True) if not o], data.name),
+                ContrastiveSet([p for p, o in zip(pairs, out, strict=True) if o], data.name),
+                n_held)
+    items = list(data)
+    return (LabeledSet([t for t, o in zip(items, out, strict=True) if not o], data.name),
+            LabeledSet([t for t, o in zip(items, out, strict=True) if o], data.name), n_held)
+
+
+def _iti_groups(data: ContrastiveSet | LabeledSet) -> tuple[list[Any], list[Any]] | None:
+    """Question ids of the positive and the negative rows :func:`class_activations` gives:
+    a pair's prompt (both completions answer it), a labelled item's ``group``; ``None`` for a
+    labelled set without groups (ITI then splits by row)."""
+    if isinstance(data, ContrastiveSet):
+        prompts = [p.prompt for p in data]
+        return prompts, list(prompts)
+    have = [t.group is not None for t in data]
+    if not any(have):
+        return None
+    if not all(have):
+        raise DataError(f"labelled set {data.name!r}: {have.count(False)} of {len(have)} items "
+                        f"have no group; give every item a group (question id) or none")
+    return ([t.group for t in data if t.label == 1], [t.group for t in data if t.label == 0])
+
+
 def fit_iti(
     lm: LoadedModel,
     data: ContrastiveSet | LabeledSet,
     controller: ITI | None = None,
     *,
+    tuning: ContrastiveSet | LabeledSet | Sequence[str] | None = None,
+    tuning_fraction: float | None = None,
     renderer: Renderer | None = None,
     batch_size: int = 16,
     cache: bool = True,
@@ -520,12 +575,39 @@ def fit_iti(
     """Fit ITI: per-head attention outputs (``heads.L``, before the output projection) of
     every chosen layer (all layers when ``layers`` is None), one probe per head, top-K heads.
 
+    The rows are split by question (a pair's prompt; a labelled item's ``group``, which
+    :func:`~steerlab.data.load_truthfulqa_labeled` sets), as the reference does. σ comes from
+    tuning rows apart from the probe rows (honest_llama ``validate_2fold.py`` L126-130,
+    L172-174): the activations of ``tuning`` (a contrastive set: both completions; a labelled
+    set or plain strings: the texts as they are, read at the last token; labels unused) at the
+    same position, else of a held-out slice of ``data``: ``tuning_fraction`` (default: the
+    controller's preset's, else 0.2) of its questions, drawn with the controller's seed (see
+    :func:`_iti_hold_out`), which the probes never see. ``tuning_fraction=0``, or data of
+    fewer than 3 questions (with a warning), takes σ from the probe rows instead.
+    ``fit_info`` records ``tuning`` (``"given"``, ``"held-out"`` or ``"probe rows"``),
+    ``tuning_fraction``, ``n_tuning_questions`` and ``n_tuning`` (rows).
+
     Raises :class:`~steerlab.errors.SiteError` for a model whose attention output projection
     cannot be found or does not take the concatenated heads.
     """
+    import warnings
+
     from steerlab.methods.iti import ITI
 
     controller = controller or ITI()
+    if tuning is not None and tuning_fraction is not None:
+        raise DataError("give tuning= (a tuning set) or tuning_fraction= (a held-out slice of "
+                        "the data), not both")
+    fraction = controller.fit_option("tuning_fraction", tuning_fraction,
+                                     DEFAULT_ITI_TUNING_FRACTION)
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) \
+            or not 0.0 <= float(fraction) < 1.0:
+        raise DataError(f"tuning_fraction must be in [0, 1), got {fraction!r}")
+    fraction = float(fraction)
+    if isinstance(tuning, str) or (tuning is not None and not isinstance(
+            tuning, (ContrastiveSet, LabeledSet, Sequence))):
+        raise DataError(f"tuning must be a contrastive set, a labelled set or a list of texts, "
+                        f"got {type(tuning).__name__}")
     layers = find_layers(lm.model)
     if controller.layers is None:
         controller.layers = list(range(lm.info.num_layers))
@@ -534,14 +616,47 @@ def fit_iti(
         raise SiteError(f"{lm.info.model_id}: the head width is unknown, so ITI cannot "
                         f"address single heads")
     controller.layers = [s.layer for s in sites]
+    probe_data: ContrastiveSet | LabeledSet = data
+    held: ContrastiveSet | LabeledSet | Sequence[str] | None = tuning
+    n_held = 0
+    if tuning is None and fraction > 0.0:
+        probe_data, held, n_held = _iti_hold_out(data, fraction, controller.seed)
+        if held is None:
+            warnings.warn(f"ITI: {data.name!r} has too few questions to hold out a tuning set "
+                          f"for σ; σ comes from the probe rows (give tuning= to avoid this)",
+                          stacklevel=2)
+    groups = _iti_groups(probe_data)
+    kw: dict[str, Any] = {"renderer": renderer, "batch_size": batch_size, "cache": cache,
+                          "progress": progress}
     start = time.perf_counter()
-    pos, neg, position = class_activations(lm, data, sites, controller.recipe,
-                                           renderer=renderer, batch_size=batch_size,
-                                           cache=cache, progress=progress)
+    pos, neg, position = class_activations(lm, probe_data, sites, controller.recipe, **kw)
+    tune: dict[Site, torch.Tensor] | None = None
+    if held is not None:
+        if isinstance(held, ContrastiveSet):
+            tp, tn, _ = class_activations(lm, held, sites, controller.recipe, **kw)
+            tune = {s: torch.cat([tp[s], tn[s]]) for s in sites}
+        else:
+            texts = [t.text for t in held] if isinstance(held, LabeledSet) else \
+                [str(t) for t in held]
+            if controller.recipe != "last":
+                raise DataError(f"tuning texts have no prompt/completion split, so recipe "
+                                f"{controller.recipe!r} cannot be read on them; use recipe "
+                                f"'last' or a contrastive tuning set")
+            if not texts:
+                raise DataError("the tuning set is empty")
+            tune = collect(lm, texts, sites, _RECIPE_POSITION["last"], batch_size=batch_size,
+                           cache=cache, progress=progress, desc="tuning activations",
+                           rendered=False)
     t_collect = time.perf_counter() - start
     t0 = time.perf_counter()
-    controller.fit(pos, neg, head_dim=layers.head_dim)
+    controller.fit(pos, neg, head_dim=layers.head_dim, tuning=tune, groups=groups)
     t_fit = time.perf_counter() - t0
+    controller.fit_info.update(
+        tuning="given" if tuning is not None else "held-out" if held is not None
+        else "probe rows",
+        tuning_fraction=None if tuning is not None else fraction,
+        n_tuning_questions=n_held if tuning is None and held is not None else None,
+    )
     return _record_fit(controller, lm, data, position, t_collect, t_fit)
 
 
@@ -631,12 +746,24 @@ def build_controller(method: str, lm: LoadedModel, *, layer: int | None = None,
 def fit_method(lm: LoadedModel, method: str, data: ContrastiveSet | LabeledSet, *,
                layer: int | None = None, recipe: str | None = None,
                scope: str | None = None, preset: str | None = None, cache: bool = True,
-               progress: bool = False, **hyperparameters: Any) -> Any:
+               progress: bool = False, auto: bool = False, budget: float = 0.25,
+               **hyperparameters: Any) -> Any:
     """Fit any registered method by name: build it (:func:`build_controller`) and run its
     fitting function (the generic :func:`fit_contrastive` unless the method has its own).
     A method added to ``steerlab.methods.METHODS`` whose ``fit(positive, negative)`` takes
     per-site class activations needs nothing more to be fitted here, by the CLI and by the
-    evaluation harness."""
+    evaluation harness.
+
+    ``auto=True`` chooses the block (among a few depths, or ``layer`` alone if given) and a
+    strength on a validation slice of ``data`` within a next-token KL ``budget``
+    (:func:`steerlab.autotune.auto_fit`, the same rule for every method) and records the
+    choice in ``fit_info["auto"]``."""
+    if auto:
+        from steerlab.autotune import auto_fit
+
+        return auto_fit(lm, method, data, layers=[layer] if layer is not None else None,
+                        budget=budget, progress=progress, recipe=recipe, scope=scope,
+                        preset=preset, cache=cache, **hyperparameters)
     controller = build_controller(method, lm, layer=layer, recipe=recipe, scope=scope,
                                   preset=preset, **hyperparameters)
     fitter = _fitter(method)

@@ -1,44 +1,86 @@
 """ITI: Inference-Time Intervention on a few attention heads.
 
 Li, Patel, Viégas, Pfister, Wattenberg, "Inference-Time Intervention: Eliciting Truthful
-Answers from a Language Model", NeurIPS 2023 (reference code: likenneth/honest_llama);
-spec ``specs/methods.md`` § ITI.
+Answers from a Language Model", NeurIPS 2023: §3.2 (a linear probe per head, the top K by
+validation accuracy), §3.3 and Eq. (2) (the intervention x_{l+1} = x_l + Σ_h Q_l^h(Att_l^h(
+P_l^h x_l) + α·σ_l^h·θ_l^h) on the K heads, θ the mass-mean shift, σ the std of the activations
+along it); reference code: likenneth/honest_llama (cited below as
+``v2f`` = ``validation/validate_2fold.py``, ``utils`` = ``utils.py``, at its HEAD); spec
+``specs/methods.md`` § ITI. ``ITI.from_preset("paper")`` sets every value ``v2f`` runs with.
 
 **Where.** The output of each attention head before the output projection: the site
 ``heads.L`` is the input of block L's ``o_proj`` (the concatenated heads, width
-n_heads·head_dim), and head h is its slice x_{L,h} = x[h·d_h : (h+1)·d_h] (d_h = head_dim).
-The fit reads it at the last token (``recipe="last"``, the paper's choice); steering writes it
-at the last prompt token and every generated token (default scope ``last``, the reference's
-``b[0, -1]`` on every forward call).
+n_heads·head_dim; ``v2f`` L181 ``self_attn.o_proj.input``), and head h is its slice
+x_{L,h} = x[h·d_h : (h+1)·d_h]. The fit reads it at the last token (``recipe="last"``;
+``interveners.py`` L21 ``b[0, -1]``); steering writes it at the last prompt token and every
+generated token (default scope ``last``, the reference's ``b[0, -1]`` on every forward call,
+``interveners.py`` L44).
 
-**Probes.** The positive and negative rows (N₊ ≠ N₋ allowed; row i is the same sample at every
-site) are split once per class with ``numpy.random.default_rng(seed)``: a permutation of the
-positives, then one of the negatives; the last n_val = round(val_fraction·N) rows of each
-permutation (at least 1, at most N − 1) are the validation split, the rest the train split.
-The same split serves every head. For every (layer L, head h) one
-``LogisticRegression(max_iter=1000)`` (sklearn defaults otherwise: L2, C = 1, lbfgs) is fitted
-on x_{L,h} of the train split (label 1 = positive), and acc_{L,h} is its accuracy on the
-validation split.
+**Split** (``v2f`` L132-144, ``utils`` L687-690). With question ids (``groups=``, which
+:func:`steerlab.fitting.fit_iti` fills in: a contrastive pair's prompt, a labelled item's
+``group``, e.g. the TruthfulQA question), the rows are split by question, as the reference
+does: the G questions are numbered in order of first appearance (positive ids, then negative
+ids); ``numpy.random.RandomState(seed).choice(G, size=int(G·(1 − val_fraction)),
+replace=False)`` are the training questions, in that order, and the others, in ascending
+order, the validation questions; a question's rows, its positive rows then its negative rows,
+all go to its side. Without ids (``groups=None``), steerlab's own row split: each class is
+permuted with ``numpy.random.default_rng(seed)`` (positives, then negatives) and the last
+round(val_fraction·N) rows of each (at least 1, at most N − 1) are the validation split.
 
-**Ranking.** All (L, h) are sorted by validation accuracy, highest first, ties broken by
-smaller layer, then smaller head; the first K are kept (K = ``top_k``; default 48, the
-paper's, capped at the number of heads available).
+**Probes** (``utils`` L692-700). The same split serves every head. For every (layer L, head h)
+one ``LogisticRegression(random_state=seed, max_iter=1000)`` (sklearn defaults otherwise: L2,
+C = 1, lbfgs) is fitted on x_{L,h} of the training rows (label 1 = positive), and acc_{L,h} is
+its accuracy on the validation rows.
 
-**Direction.** For each kept head, θ_{L,h} = mean(x⁺_{L,h}) − mean(x⁻_{L,h}) over all rows
-(train + validation: the paper's mass-mean shift, ``--use_center_of_mass``), or the probe's
-weight vector (``direction="probe"``); θ̂ = θ/‖θ‖.
+**Ranking** (``utils`` L714). The accuracies are flattened layer-major (index
+i·n_heads + h for the i-th probed layer, ``utils`` L679-680) and ordered by
+``np.argsort(acc)[::-1]``: highest accuracy first, and equal accuracies in the reverse of the
+order numpy's argsort leaves them in. That order is numpy's introsort as the reference ran it
+(numpy 1.23.4, ``environment.yaml`` L142), reproduced by :func:`reference_argsort` (for up to
+16 heads an insertion sort, so ties go to the later layer, then the later head); newer numpy
+on AVX-512 or AVX2 CPUs (2.4 here) sends the same call to a SIMD sort that orders ties
+differently, so calling ``np.argsort`` would make the heads depend on the machine. The first K
+are kept (K = ``top_k``; default 48, the paper's, capped at the number of heads available).
 
-**Scale.** σ_{L,h} = std(t · θ̂) (population std, ddof 0) over the tuning activations t at
-that head: by default every positive and negative row; the reference uses a separate tuning
-set (``tuning=``).
+**Direction** (``v2f`` L152-153, L170-171, ``utils`` L768-782). For each kept head,
+θ_{L,h} = mean(x⁺_{L,h}) − mean(x⁻_{L,h}) over the training and validation rows (the paper's
+mass-mean shift, ``--use_center_of_mass``), or the probe's weight vector
+(``direction="probe"``, ``utils`` L735, which ``v2f`` cannot run); θ̂ = θ/‖θ‖.
 
-**Steering.** The vector at ``heads.L`` is zero except on each kept head's slice, where it is
-α·σ_{L,h}·θ̂_{L,h}; steering adds strength·v to the o_proj input:
+**Scale** (``v2f`` L126-130, L172-175). σ_{L,h} = std(t · θ̂) with ddof 1 (``torch.std``) over
+the tuning activations t at that head, which the labels do not enter: ``tuning=`` given to
+:meth:`ITI.fit` (``fit_iti`` holds out a slice of the data by default), else every probe row.
+
+**Steering** (``v2f`` L175-176, ``interveners.py`` L44). The vector at ``heads.L`` is zero
+except on each kept head's slice, where it is α·σ_{L,h}·θ̂_{L,h}; steering adds strength·v to
+the o_proj input:
 
     x'_{L,h} = x_{L,h} + strength · α · σ_{L,h} · θ̂_{L,h}     for kept (L, h)
 
 so strength 1 reproduces the paper's intervention with α (default 15): the effective α is
 strength·alpha. Only blocks with a kept head are hooked.
+
+**Deliberate differences from the reference.**
+
+* σ's tuning rows: the reference takes them from another feature bank of the same questions
+  (``tqa_gen_end_q``: "Q: … A: … Q: <random question>", every TruthfulQA question, the test
+  fold's included); steerlab takes ``tuning=`` if given, else (``fit_iti``) a held-out slice
+  of the questions, disjoint from the probe rows; :meth:`ITI.fit` alone, without ``tuning=``,
+  uses the probe rows.
+* The split is the reference's first fold's: ``v2f`` seeds numpy's global generator once
+  (L76) and draws a split per fold, so its second fold's split continues that stream; the data
+  given here is the development set (``v2f`` L137), any cross-validation is the caller's.
+* Without question ids the split is steerlab's per-class row split (above); unpaired data
+  (N₊ ≠ N₋) is allowed.
+* Within a question, the rows are ordered positives first, then negatives (the reference keeps
+  the ``mc2_targets`` order, correct answers first, which is the same for TruthfulQA).
+* With a subset of layers probed, the ranking runs over those layers' heads only.
+* Directions and σ are computed in float64 and the vector kept in float32 (the reference:
+  float32, and the vector cast to float16, ``interveners.py`` L33); the write is row-wise
+  over a batch (the reference's ``b[0, -1]`` steers row 0, its batches are single prompts).
+* ``utils.get_interventions_dict`` (L739, which ``v2f`` imports but does not call; the legacy
+  baukit scripts' copy, ``legacy/llama_utils.py`` L717) takes σ with ``np.std`` (ddof 0);
+  steerlab follows ``v2f`` L174 (``torch.std``, ddof 1).
 
 **Architectures.** Any model whose attention output projection takes the concatenated head
 outputs (n_heads·head_dim, head-major), found by :func:`steerlab.sites.find_layers`. Verified
@@ -52,14 +94,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Hashable, Sequence
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import two_class_rows
+from steerlab.methods.base import Preset, two_class_rows
 from steerlab.methods.caa import AdditiveController, _layers_arg
 from steerlab.scope import parse_scope
 from steerlab.sites import Site
@@ -67,6 +109,161 @@ from steerlab.sites import Site
 Recipe = Literal["ab", "last", "mean"]
 Direction = Literal["mass_mean", "probe"]
 DEFAULT_TOP_K = 48
+REFERENCE = "likenneth/honest_llama"
+
+# numpy's introsort (numpy/_core/src/npysort/quicksort.cpp, aquicksort_; the same in 1.23.4):
+# partitions longer than this many + 1 elements are split around a median of three.
+_SMALL_QUICKSORT = 15
+
+
+def _less(a: float, b: float) -> bool:
+    """numpy's float order: NaN after everything."""
+    return a < b or (b != b and a == a)
+
+
+def _aheapsort(v: list[float], idx: list[int], start: int, n: int) -> None:
+    """numpy's indirect heapsort (npysort_heapsort.h, aheapsort_) of idx[start:start + n]."""
+    def get(i: int) -> int:  # 1-based, as numpy's
+        return idx[start + i - 1]
+
+    def put(i: int, x: int) -> None:
+        idx[start + i - 1] = x
+
+    def sift(tmp: int, i: int, j: int, size: int) -> None:
+        while j <= size:
+            if j < size and _less(v[get(j)], v[get(j + 1)]):
+                j += 1
+            if _less(v[tmp], v[get(j)]):
+                put(i, get(j))
+                i, j = j, j + j
+            else:
+                break
+        put(i, tmp)
+
+    for top in range(n >> 1, 0, -1):
+        sift(get(top), top, top << 1, n)
+    while n > 1:
+        tmp = get(n)
+        put(n, get(1))
+        n -= 1
+        sift(tmp, 1, 2, n)
+
+
+def reference_argsort(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """``np.argsort(values)`` exactly as numpy 1.23.4, the reference's numpy
+    (``environment.yaml`` L142), computes it, ties included.
+
+    That is numpy's introsort, written here in Python: median-of-three quicksort on runs of
+    more than 16 elements, insertion sort below, heapsort once 2·⌊log₂ n⌋ partitions deep
+    (``quicksort.cpp`` ``aquicksort_``, unchanged since). Newer numpy sends ``np.argsort`` to a
+    SIMD sort on AVX-512 / AVX2 CPUs, which leaves equal values in another order; this gives
+    the same order on every machine. For n ≤ 16 it is a stable sort.
+    """
+    v = [float(x) for x in np.asarray(values, dtype=np.float64).reshape(-1)]
+    n = len(v)
+    idx = list(range(n))
+    if n < 2:
+        return np.array(idx, dtype=np.int64)
+
+    def swap(a: int, b: int) -> None:
+        idx[a], idx[b] = idx[b], idx[a]
+
+    stack: list[tuple[int, int, int]] = []
+    pl, pr = 0, n - 1
+    cdepth = 2 * (n.bit_length() - 1)
+    while True:
+        if cdepth < 0:
+            _aheapsort(v, idx, pl, pr - pl + 1)
+        else:
+            while pr - pl > _SMALL_QUICKSORT:
+                pm = pl + ((pr - pl) >> 1)
+                if _less(v[idx[pm]], v[idx[pl]]):
+                    swap(pm, pl)
+                if _less(v[idx[pr]], v[idx[pm]]):
+                    swap(pr, pm)
+                if _less(v[idx[pm]], v[idx[pl]]):
+                    swap(pm, pl)
+                vp = v[idx[pm]]
+                pi, pj = pl, pr - 1
+                swap(pm, pj)
+                while True:
+                    pi += 1
+                    while _less(v[idx[pi]], vp):
+                        pi += 1
+                    pj -= 1
+                    while _less(vp, v[idx[pj]]):
+                        pj -= 1
+                    if pi >= pj:
+                        break
+                    swap(pi, pj)
+                swap(pi, pr - 1)
+                cdepth -= 1
+                if pi - pl < pr - pi:  # the larger part waits on the stack
+                    stack.append((pi + 1, pr, cdepth))
+                    pr = pi - 1
+                else:
+                    stack.append((pl, pi - 1, cdepth))
+                    pl = pi + 1
+            for pi in range(pl + 1, pr + 1):  # insertion sort
+                vi = idx[pi]
+                vp = v[vi]
+                pj = pi
+                while pj > pl and _less(vp, v[idx[pj - 1]]):
+                    idx[pj] = idx[pj - 1]
+                    pj -= 1
+                idx[pj] = vi
+        if not stack:
+            break
+        pl, pr, cdepth = stack.pop()
+    return np.array(idx, dtype=np.int64)
+
+
+def rank_heads(accuracy: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Flat head indices, best first, as honest_llama ranks them (``utils.py`` L714,
+    ``np.argsort(acc)[::-1]``): by accuracy, highest first; equal accuracies in the reverse of
+    :func:`reference_argsort`'s order (for up to 16 heads: the later flat index first)."""
+    return reference_argsort(accuracy)[::-1].copy()
+
+
+def split_questions(
+    positive_groups: Sequence[Hashable], negative_groups: Sequence[Hashable],
+    val_fraction: float, seed: int,
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Split rows by question, as honest_llama does (``validation/validate_2fold.py``
+    L143-144, ``utils.py`` L687-690).
+
+    The rows are the positive rows then the negative rows (indices 0 … N₊ − 1, then
+    N₊ … N₊ + N₋ − 1); ``*_groups`` give each row's question. The G questions are numbered in
+    order of first appearance (positives, then negatives);
+    ``RandomState(seed).choice(G, int(G·(1 − val_fraction)), replace=False)`` are the training
+    questions, in that order, the rest the validation questions, in ascending order. Each
+    question contributes its positive rows, then its negative rows, in their order.
+
+    Returns (train rows, validation rows, training questions, validation questions).
+    """
+    number: dict[Hashable, int] = {}
+    for g in (*positive_groups, *negative_groups):
+        number.setdefault(g, len(number))
+    n_q = len(number)
+    n_train = int(n_q * (1 - val_fraction))
+    if n_train < 1 or n_train >= n_q:
+        raise DataError(
+            f"{n_q} question(s) cannot be split into training and validation questions with "
+            f"val_fraction={val_fraction} (int({n_q}·(1 − {val_fraction})) = {n_train} "
+            f"training questions); ITI needs at least one of each"
+        )
+    train_q = np.random.RandomState(seed).choice(n_q, size=n_train, replace=False)
+    in_train = {int(q) for q in train_q}
+    val_q = [q for q in range(n_q) if q not in in_train]
+    rows: list[list[int]] = [[] for _ in range(n_q)]
+    for i, g in enumerate(positive_groups):
+        rows[number[g]].append(i)
+    offset = len(positive_groups)
+    for i, g in enumerate(negative_groups):
+        rows[number[g]].append(offset + i)
+    train = np.array([r for q in train_q for r in rows[int(q)]], dtype=np.int64)
+    val = np.array([r for q in val_q for r in rows[q]], dtype=np.int64)
+    return train, val, n_train, len(val_q)
 
 
 def split_rows(n: int, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray,
@@ -76,6 +273,27 @@ def split_rows(n: int, val_fraction: float, rng: np.random.Generator) -> tuple[n
     perm = rng.permutation(n)
     n_val = min(max(round(n * val_fraction), 1), n - 1)
     return perm[: n - n_val], perm[n - n_val:]
+
+
+def _check_groups(groups: Any, n_pos: int, n_neg: int) -> tuple[list[Hashable],
+                                                               list[Hashable]]:
+    """``groups`` as (positive ids, negative ids) of N₊ and N₋ hashable ids."""
+    if not isinstance(groups, (tuple, list)) or len(groups) != 2:
+        raise DataError("groups must be a pair (positive question ids, negative question ids)")
+    out = []
+    for name, ids, n in (("positive", groups[0], n_pos), ("negative", groups[1], n_neg)):
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence | np.ndarray):
+            raise DataError(f"the {name} question ids must be a sequence, got "
+                            f"{type(ids).__name__}")
+        ids = list(ids.tolist() if isinstance(ids, np.ndarray) else ids)
+        if len(ids) != n:
+            raise DataError(f"{len(ids)} {name} question ids for {n} {name} rows")
+        for g in ids:
+            if g is None or not isinstance(g, Hashable):
+                raise DataError(f"a {name} question id is {g!r}: ids must be hashable values "
+                                f"(e.g. the question text)")
+        out.append(ids)
+    return out[0], out[1]
 
 
 class ITI(AdditiveController):
@@ -88,8 +306,10 @@ class ITI(AdditiveController):
         alpha: the paper's α (default 15); strength multiplies it (effective α =
             strength·alpha).
         direction: ``"mass_mean"`` (mean difference, the paper's best) or ``"probe"``.
-        val_fraction: fraction of each class held out to rank the heads.
-        seed: seed of the train/validation split (and of the probes).
+        val_fraction: fraction of the questions (without question ids: of each class's rows)
+            held out to rank the heads (the reference's ``val_ratio``).
+        seed: seed of the train/validation split (and of the probes; ``fit_iti`` also draws
+            its held-out tuning questions with it).
         recipe: which token the fit reads: ``"last"`` (the paper's), ``"ab"`` or ``"mean"``.
         scope: default token scope when steering (``"last"``).
 
@@ -99,6 +319,23 @@ class ITI(AdditiveController):
     """
 
     method = "iti"
+    presets: ClassVar[dict[str, Preset]] = {
+        "paper": Preset(
+            hyperparameters={"layers": None, "top_k": 48, "alpha": 15.0,
+                             "direction": "mass_mean", "val_fraction": 0.2, "seed": 42,
+                             "recipe": "last", "scope": "last"},
+            fit={"tuning_fraction": 0.5},
+            source=f"{REFERENCE} validation/validate_2fold.py L60 (K = 48), L61 (α = 15), "
+                   "L63 (val_ratio 0.2), L67 (seed 42), L64 + README.md L112 "
+                   "(--use_center_of_mass), L103/L137 (the probes see one of 2 folds: "
+                   "tuning_fraction 0.5 holds out the other half of the questions for σ, "
+                   "steerlab's choice, the reference's σ uses every question), L143-144 "
+                   "(split by question), L172-174 (σ, torch.std); utils.py L697 "
+                   "(LogisticRegression(random_state=seed, max_iter=1000)), L714 (ranking), "
+                   "L768-782 (centre of mass over train + val); every layer probed "
+                   "(utils.py L692); the last token (interveners.py L21, L44)",
+        ),
+    }
 
     def __init__(
         self,
@@ -180,6 +417,7 @@ class ITI(AdditiveController):
         *,
         head_dim: int,
         tuning: dict[Site, torch.Tensor] | None = None,
+        groups: tuple[Sequence[Hashable], Sequence[Hashable]] | None = None,
         progress: bool = False,
     ) -> ITI:
         """Probe every head, keep the top K, and build the vectors.
@@ -189,8 +427,12 @@ class ITI(AdditiveController):
                 class (same rows at every site).
             negative: the same for the negative class, (N₋, n_heads·head_dim).
             head_dim: width of one head (``find_layers(model).head_dim``).
-            tuning: per site, (N_t, n_heads·head_dim) activations for σ (default: all positive
-                and negative rows).
+            tuning: per site, (N_t ≥ 2, n_heads·head_dim) activations for σ, rows apart from
+                the probe rows (the reference's tuning set; default: every positive and
+                negative row).
+            groups: the question id (any hashable) of each positive row and of each negative
+                row, ``(ids₊, ids₋)``: the rows are then split by question, as the reference
+                does (default: steerlab's per-class row split).
             progress: show a progress bar over the probes.
         """
         from sklearn.linear_model import LogisticRegression
@@ -250,13 +492,26 @@ class ITI(AdditiveController):
         else:
             tune = {s: torch.cat([pos[s], neg[s]]) for s in sites}
 
-        rng = np.random.default_rng(self.seed)
         np_ = next(iter(n_pos))
         nn_ = next(iter(n_neg))
-        tr_p, va_p = split_rows(np_, self.val_fraction, rng)
-        tr_n, va_n = split_rows(nn_, self.val_fraction, rng)
-        y_tr = np.concatenate([np.ones(len(tr_p)), np.zeros(len(tr_n))]).astype(np.int64)
-        y_va = np.concatenate([np.ones(len(va_p)), np.zeros(len(va_n))]).astype(np.int64)
+        n_questions: list[int] | None = None
+        if groups is None:
+            rng = np.random.default_rng(self.seed)
+            tr_p, va_p = split_rows(np_, self.val_fraction, rng)
+            tr_n, va_n = split_rows(nn_, self.val_fraction, rng)
+            tr = np.concatenate([tr_p, np_ + tr_n])
+            va = np.concatenate([va_p, np_ + va_n])
+        else:
+            gp, gn = _check_groups(groups, np_, nn_)
+            tr, va, q_tr, q_va = split_questions(gp, gn, self.val_fraction, self.seed)
+            n_questions = [q_tr, q_va]
+        y_all = np.concatenate([np.ones(np_), np.zeros(nn_)]).astype(np.int64)
+        y_tr, y_va = y_all[tr], y_all[va]
+        if len(np.unique(y_tr)) < 2:
+            raise DataError(
+                f"the training split holds only label {int(y_tr[0])} rows: its questions "
+                f"need answers of both classes to fit the probes"
+            )
 
         bar: Any = None
         if progress:
@@ -265,29 +520,29 @@ class ITI(AdditiveController):
             bar = tqdm(total=total, desc="ITI probes", unit="head", leave=False)
         accuracy: dict[int, torch.Tensor] = {}
         probe_w: dict[tuple[int, int], np.ndarray] = {}
-        ranking: list[tuple[float, int, int]] = []
+        flat_acc: list[float] = []  # layer-major, as utils.py L679-680 flattens them
+        flat_head: list[tuple[int, int]] = []
         try:
             for s in sites:
-                xp = pos[s].numpy().astype(np.float64)
-                xn = neg[s].numpy().astype(np.float64)
-                x_tr = np.concatenate([xp[tr_p], xn[tr_n]])
-                x_va = np.concatenate([xp[va_p], xn[va_n]])
+                x_all = torch.cat([pos[s], neg[s]]).numpy().astype(np.float64)
+                x_tr, x_va = x_all[tr], x_all[va]
                 accs = np.zeros(n_heads[s])
                 for h in range(n_heads[s]):
                     cols = slice(h * hd, (h + 1) * hd)
-                    clf = LogisticRegression(max_iter=1000, random_state=self.seed)
+                    clf = LogisticRegression(random_state=self.seed, max_iter=1000)
                     clf.fit(x_tr[:, cols], y_tr)
-                    accs[h] = float((clf.predict(x_va[:, cols]) == y_va).mean())
+                    accs[h] = float(np.mean(clf.predict(x_va[:, cols]) == y_va))
                     probe_w[(s.layer, h)] = clf.coef_[0].copy()
-                    ranking.append((-float(accs[h]), s.layer, h))
+                    flat_acc.append(float(accs[h]))
+                    flat_head.append((s.layer, h))
                     if bar is not None:
                         bar.update(1)
                 accuracy[s.layer] = torch.tensor(accs, dtype=torch.float32)
         finally:
             if bar is not None:
                 bar.close()
-        ranking.sort()
-        chosen = [(layer, h) for _, layer, h in ranking[:k]]
+        order = rank_heads(np.array(flat_acc))[:k]
+        chosen = [flat_head[i] for i in order]
 
         by_layer = {s.layer: s for s in sites}
         vectors: dict[Site, torch.Tensor] = {}
@@ -308,34 +563,40 @@ class ITI(AdditiveController):
                     f"positive and negative activations have equal means); check the data"
                 )
             unit = theta / norm
-            sigma = float((tune[s][:, cols].to(torch.float64) @ unit).std(correction=0))
+            sigma = float((tune[s][:, cols].to(torch.float64) @ unit).std(correction=1))
             v = vectors.setdefault(s, torch.zeros(pos[s].shape[1], dtype=torch.float32))
             v[cols] = (self.alpha * sigma * unit).to(torch.float32)
             sigmas.append(sigma)
             directions.append(unit.to(torch.float32))
 
         self.set_vectors(vectors)
+        self.fit_info.pop("n_questions", None)
+        if n_questions is not None:
+            self.fit_info["n_questions"] = n_questions
         self.layers = [s.layer for s in sites]  # the probed blocks, as resolved
         self.head_dim = hd
         self.selected_heads = chosen
         self.val_accuracy = accuracy
         self.sigmas = torch.tensor(sigmas, dtype=torch.float32)
         self.directions = torch.stack(directions)
-        best = [round(-a, 4) for a, _, _ in ranking[:k]]
+        best = [round(flat_acc[i], 4) for i in order]
+        n_tr_pos, n_va_pos = int(y_tr.sum()), int(y_va.sum())
         self.fit_info.update(
-            n_train=[len(tr_p), len(tr_n)],
-            n_val=[len(va_p), len(va_n)],
+            split="question" if n_questions is not None else "row",
+            n_train=[n_tr_pos, len(y_tr) - n_tr_pos],
+            n_val=[n_va_pos, len(y_va) - n_va_pos],
             n_heads_total=total,
             top_k=k,
             top_k_capped=capped,
             selected_heads=[[layer, h] for layer, h in chosen],
             selected_val_accuracy=best,
             best_val_accuracy=best[0],
-            mean_val_accuracy=round(float(np.mean([-a for a, _, _ in ranking])), 4),
+            mean_val_accuracy=round(float(np.mean(flat_acc)), 4),
             sigmas=[round(x, 6) for x in sigmas],
             direction=self.direction,
             alpha=self.alpha,
-            tuning="given" if tuning is not None else "positive+negative",
+            tuning="given" if tuning is not None else "probe rows",
+            n_tuning=int(next(iter(tune.values())).shape[0]),
             steered_sites=[str(s) for s in self.sites],
             probe_seconds=round(time.perf_counter() - start, 3),
         )

@@ -1,5 +1,5 @@
 """How the methods whose defaults changed for reproduction fidelity (issue 15) move on the
-results page: A-LQR (LFS at the last token; the old completion-mean recipe beside it),
+results page: A-LQR (LFS at the last token; the strength now scales the feedback),
 S-PID (the reference's integral reset and carried derivative), ODESteer (the barrier fitted
 on all the data in the paper preset) and ITI (σ from a separate tuning slice, ddof 1), each
 with its new defaults and with ``preset="paper"``.
@@ -33,7 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 # (display name, method, extra hyper-parameters given to fit_method)
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("alqr (new default: recipe last)", "alqr", {}),
-    ("alqr (old default: recipe mean)", "alqr", {"recipe": "mean"}),
     ("alqr (paper preset)", "alqr", {"preset": "paper"}),
     ("spid (new default = reference rules)", "spid", {}),
     ("spid (paper preset)", "spid", {"preset": "paper"}),

@@ -238,3 +238,52 @@ def test_iti_tuning_file_and_paper_preset(folder: Path, data: Path, labelled: Pa
     assert meta["fit"]["tuning"] == "given"
     assert meta["fit"]["preset"]["overrides"] == ["recipe", "top_k"]
     assert meta["hyperparameters"]["top_k"] == 3 and meta["hyperparameters"]["alpha"] == 15.0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--layers", "abc"], "--layers takes comma-separated block indices"),
+    (["--layers", ""], "--layers is empty"),
+    (["--layers", "30"], "out of range"),
+    (["--method", "alqr", "--layers", "7"], "out of range"),
+    (["--limit", "-1"], "--limit must be 0"),
+    (["--method", "nope"], "unknown method"),
+    (["--scope", "sideways"], "unknown token scope"),
+    (["--data", "/nonexistent/file.jsonl"], "no such file"),
+])
+def test_fit_argument_errors_are_one_line_before_any_model_load(
+        folder: Path, tmp_path: Path, args: list[str], message: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every argument error of ``fit``: one line, exit 2, no traceback, and before the model
+    loads or any activation is collected (the layer range is read from the config)."""
+    import steerlab.cli as cli
+
+    def no_load(model: str) -> None:
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--out", str(tmp_path / "x"),
+                            *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert len([line for line in r.output.splitlines() if line.strip()]) == 1, r.output
+
+
+def test_fit_out_onto_a_directory_is_refused_first(folder: Path, tmp_path: Path) -> None:
+    (tmp_path / "d.safetensors").mkdir()
+    for out in (tmp_path, tmp_path / "d"):
+        r = runner.invoke(app, ["fit", "--model", str(folder), "--layers", "1", "--out",
+                                str(out)])
+        assert r.exit_code == 2 and "is a directory" in r.output, r.output
+
+
+def test_generate_refuses_absurd_strengths_and_prompts_past_the_context(
+        folder: Path, data: Path, tmp_path: Path) -> None:
+    art = tmp_path / "v.safetensors"
+    assert runner.invoke(app, ["fit", "--model", str(folder), "--data", str(data), "--layers",
+                               "1", "--out", str(art)]).exit_code == 0
+    r = runner.invoke(app, ["generate", "hi", "--model", str(folder), "--steer", str(art),
+                            "--strength", "1e38"])
+    assert r.exit_code == 2 and "outside" in r.output, r.output
+    r = runner.invoke(app, ["generate", "word " * 300, "--model", str(folder),
+                            "--max-new-tokens", "4"])
+    assert r.exit_code == 2 and "exceeds" in r.output and "context" in r.output, r.output

@@ -30,7 +30,8 @@ def test_every_method_fits_by_name_and_steers(method: str) -> None:
     hp = {"epochs": 3, "warmup_epochs": 1} if method == "innsteer" else {}
     if method == "iti":
         hp = {"top_k": 2}
-    c = fit_method(lm, method, PAIRS, layer=-1, recipe="mean", scope="all", **hp)
+    data = None if method == "actadd" else PAIRS  # ActAdd reads its own prompt pair
+    c = fit_method(lm, method, data, layer=-1, recipe="mean", scope="all", **hp)
     assert c.is_fitted and c.model_info == lm.info
     assert "fit_seconds" in c.fit_info
     out = generate(lm, ["Hello there"], steers=Steer(c, 1.0), max_new_tokens=3)
@@ -64,7 +65,8 @@ def _fitted(method: str) -> object:
     hp: dict[str, object] = {"epochs": 3, "warmup_epochs": 1} if method == "innsteer" else {}
     if method == "iti":
         hp = {"top_k": 2}
-    return fit_method(lm, method, PAIRS, layer=-1, recipe="mean", scope="all", **hp)
+    data = None if method == "actadd" else PAIRS
+    return fit_method(lm, method, data, layer=-1, recipe="mean", scope="all", **hp)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -89,3 +91,21 @@ def test_strength_zero_is_exactly_the_unsteered_model(method: str) -> None:
     rows = generate(lm, prompts, rows=[[Steer(c, 0.0)], [Steer(c, 0.0)]],  # type: ignore[arg-type]
                     max_new_tokens=4, render=False)
     assert rows == base
+
+
+def test_data_that_a_method_cannot_use_is_refused() -> None:
+    """ActAdd given a data set (it reads its own prompt pair), and recipe ``ab`` on
+    completions that are not answer choices, are refused instead of silently misread."""
+    from steerlab.errors import DataError
+
+    lm = tiny_model("llama", chat=True)
+    with pytest.raises(DataError, match="own prompt pair"):
+        fit_method(lm, "actadd", PAIRS, layer=1)
+    for method in ("caa", "sas", "repe", "alqr"):
+        kw: dict[str, object] = {"n_jacobian_prompts": 2} if method == "alqr" else {}
+        if method == "sas":
+            from test_sas import _sae
+
+            kw["sae"] = _sae("topk", d=lm.info.hidden_size, m=4 * lm.info.hidden_size)
+        with pytest.raises(DataError, match="not an answer choice"):
+            fit_method(lm, method, PAIRS, layer=1, recipe="ab", **kw)

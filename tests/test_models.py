@@ -23,7 +23,10 @@ def test_load_local_folder(tiny_folder: Path) -> None:
     ref = build_tiny_model("llama", seed=5, chat=True)
     assert lm.info.num_layers == 2 and lm.info.hidden_size == 32 and lm.info.is_chat
     assert lm.info.architecture == "LlamaForCausalLM"
-    assert lm.tokenizer.padding_side == "left"
+    from steerlab.runtime import tokenize_prompts
+
+    enc = tokenize_prompts(lm, ["a b c", "x"], rendered=False)  # left padding, per call
+    assert int(enc["attention_mask"][1, 0]) == 0 and int(enc["attention_mask"][1, -1]) == 1
     ids = torch.tensor([[1, 40, 41, 42]])
     with torch.no_grad():
         torch.testing.assert_close(lm.model(ids).logits, ref.model(ids).logits)
@@ -73,3 +76,24 @@ def test_unknown_architecture_message() -> None:
 def test_cache_root_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("STEERLAB_CACHE", str(tmp_path / "elsewhere"))
     assert models.cache_root() == tmp_path / "elsewhere"
+
+
+def test_wrap_model_leaves_the_callers_tokenizer_as_it_was() -> None:
+    """A library must not change what the user passed in: no pad token set, no padding side
+    changed; steerlab pads on its own copy (or per call) and still batches correctly."""
+    import copy
+
+    from steerlab.models import wrap_model
+    from steerlab.runtime import generate
+    from tiny_models import tiny_tokenizer
+
+    ref = build_tiny_model("llama", seed=5)
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.padding_side = "right"
+    tok.pad_token = None
+    lm = wrap_model(ref.model, tok, model_id="t")
+    assert tok.pad_token is None and tok.padding_side == "right"
+    out = generate(lm, ["hello there", "x"], max_new_tokens=3, render=False)
+    assert tok.pad_token is None and tok.padding_side == "right"
+    alone = generate(lm, ["x"], max_new_tokens=3, render=False)
+    assert out[1] == alone[0]

@@ -190,9 +190,9 @@ class _Scorer:
         return self._score(per_rows) - self.baseline, kl_sum / max(n, 1)
 
 
-def layer_candidates(method: str, lm: LoadedModel,
-                     layers: Sequence[int] | None) -> Sequence[int | None]:
-    """The blocks to try: ``layers`` if given, else a few depths for methods with a block."""
+def takes_block(method: str) -> bool:
+    """Whether the method is fitted at blocks one picks (``layer``/``layers`` in its
+    constructor); A-LQR and S-PID steer every block."""
     import inspect
 
     from steerlab.methods import METHODS
@@ -203,7 +203,13 @@ def layer_candidates(method: str, lm: LoadedModel,
         params |= set(own)
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values()):
             break
-    if "layer" not in params and "layers" not in params:
+    return "layer" in params or "layers" in params
+
+
+def layer_candidates(method: str, lm: LoadedModel,
+                     layers: Sequence[int] | None) -> Sequence[int | None]:
+    """The blocks to try: ``layers`` if given, else a few depths for methods with a block."""
+    if not takes_block(method):
         return [None]
     if layers:
         return [int(x) for x in layers]

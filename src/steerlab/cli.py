@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from steerlab.cli_common import console, fail
 from steerlab.errors import SteerlabError
 
 app = typer.Typer(
@@ -19,7 +19,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
 
 DEMO_LAYER = 8
 DEMO_STRENGTH = 3.5
@@ -27,8 +26,7 @@ DEMO_SCOPE = "all"
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(code=2)
+    fail(exc)
 
 
 def _load(model: str) -> Any:
@@ -156,6 +154,8 @@ def _fit_baseline(lm: Any, method: str, data: str, limit: int, layer_list: list[
     kw: dict[str, Any] = {"recipe": recipe, "scope": scope}
     if method == "iti":
         tuning_set = load_dataset(opts["tuning"]) if opts.get("tuning") else None
+        if "layers" in given:
+            kw["layers"] = layer_list
         return fit_iti(lm, dataset, _make(ITI, preset, set(given), top_k=opts["top_k"],
                                           alpha=opts["alpha"], **kw),
                        tuning=tuning_set, tuning_fraction=opts.get("tuning_fraction"))
@@ -170,6 +170,57 @@ def _fit_baseline(lm: Any, method: str, data: str, limit: int, layer_list: list[
         "mimic": lambda: MiMiC(layers=layer_list, reg=opts["reg"], **kw),
     }
     return fit_contrastive(lm, dataset, make[method]())
+
+
+def _parse_layers(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SteerlabError(f"--layers takes comma-separated block indices such as 8 or "
+                            f"6,8,10; got {text!r}") from None
+    if not out:
+        raise SteerlabError("--layers is empty; give at least one block index")
+    return out
+
+
+def _preflight(model: str, method: str, data: str, layer_list: list[int], given: set[str], *,
+               scope: str, limit: int, out: Path, preset: str | None) -> None:
+    """Check the arguments before the model loads and activations are collected: the method,
+    preset, scope, output path, data file and block range (from the model's config)."""
+    from steerlab.autotune import takes_block
+    from steerlab.data import load_dataset
+    from steerlab.methods import METHODS
+    from steerlab.models import model_shape
+    from steerlab.scope import parse_scope
+
+    if method not in METHODS:
+        raise SteerlabError(f"unknown method {method!r}; use {', '.join(sorted(METHODS))}")
+    if preset is not None:
+        known = sorted(m for m, c in METHODS.items() if preset in c.presets)
+        if method not in known:
+            raise SteerlabError(f"no preset {preset!r} for {method}; it exists for "
+                                f"{', '.join(known) or 'no method'}")
+    if limit < 0:
+        raise SteerlabError(f"--limit must be 0 (all pairs) or a positive count, got {limit}")
+    parse_scope(scope)
+    target = out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors")
+    for p in (out, target):
+        if p.is_dir():
+            raise SteerlabError(f"--out {p} is a directory; give a file name such as "
+                                f"{p / 'controller.safetensors'}")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise SteerlabError(f"--out: {target.parent} is not a directory")
+    if data != "sentiment":
+        load_dataset(data)
+    # ITI reads every block unless --layers is given; the others use --layers (default 8)
+    if "layers" in given or (takes_block(method) and method != "iti"):
+        shape = model_shape(model)
+        if shape is not None:
+            n = shape[0]
+            bad = [k for k in layer_list if not -n <= k < n]
+            if bad:
+                raise SteerlabError(f"block(s) {bad} out of range: {model} has {n} blocks "
+                                    f"(0 … {n - 1}, or negative from the end)")
 
 
 def _fit_auto(lm: Any, method: str, data: str, limit: int, layer_list: list[int],
@@ -262,15 +313,10 @@ def fit(
         from steerlab.fitting import fit_actadd, fit_caa
         from steerlab.methods import CAA, ActAdd
 
-        layer_list = [int(x) for x in layers.split(",") if x.strip()]
+        layer_list = _parse_layers(layers)
         given = _given(ctx)
-        if preset is not None:
-            from steerlab.methods import METHODS
-
-            known = sorted(m for m, c in METHODS.items() if preset in c.presets)
-            if method not in known:
-                raise SteerlabError(f"no preset {preset!r} for {method}; it exists for "
-                                    f"{', '.join(known) or 'no method'}")
+        _preflight(model, method, data, layer_list, given, scope=scope, limit=limit, out=out,
+                   preset=preset)
         if recipe is None:
             recipe = "last" if method in LFS_METHODS else "mean"
         lm = _load(model)
@@ -369,6 +415,25 @@ def fit(
         _fail(exc)
 
 
+def _check_context(lm: Any, prompts: list[str], max_new_tokens: int) -> None:
+    """Refuse prompts that with ``max_new_tokens`` would not fit the model's context (the
+    model would otherwise return nothing, silently)."""
+    from steerlab.data import Renderer
+
+    config = lm.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    if not limit:
+        return
+    renderer = Renderer(lm.tokenizer)
+    for p in prompts:
+        n = len(lm.tokenizer(renderer.prompt(p), add_special_tokens=False)["input_ids"])
+        if n + max_new_tokens > int(limit):
+            raise SteerlabError(
+                f"a prompt of {n} tokens plus --max-new-tokens {max_new_tokens} exceeds "
+                f"{lm.info.model_id}'s context of {limit} tokens; shorten it")
+
+
 @app.command()
 def generate(
     prompt: Annotated[list[str], typer.Argument(help="one or more prompts")],
@@ -386,17 +451,34 @@ def generate(
     strict: Annotated[bool, typer.Option(help="refuse artifacts fitted on another model id")] = (
         True
     ),
+    max_strength: Annotated[float, typer.Option(
+        help="refuse |strength| above this (the server's default bound)")] = 64.0,
 ) -> None:
     """Generate (greedy) from prompts, optionally steered by saved artifacts."""
     try:
+        import math
+
         from steerlab import artifacts
+        from steerlab.autotune import stored_strength
         from steerlab.runtime import Steer
         from steerlab.runtime import generate as run_generate
+        from steerlab.scope import parse_scope
 
-        lm = _load(model)
-        from steerlab.autotune import stored_strength
-
+        if not math.isfinite(max_strength) or max_strength <= 0:
+            raise SteerlabError(f"--max-strength must be a positive number, got {max_strength}")
+        for s in strength or []:
+            if not math.isfinite(s) or abs(s) > max_strength:
+                raise SteerlabError(f"--strength {s:g} is outside ±{max_strength:g} "
+                                    f"(--max-strength raises the bound)")
+        if max_new_tokens < 1:
+            raise SteerlabError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        if scope is not None:
+            parse_scope(scope)
         paths = steer or []
+        for path in paths:
+            artifacts.read_metadata(path)  # a missing or broken artifact fails before loading
+        lm = _load(model)
+        _check_context(lm, prompt, max_new_tokens)
         loaded = [artifacts.load(p, lm.info, strict=strict) for p in paths]
         # no --strength: each artifact's --auto strength, else 1 (the paper's intervention)
         strengths = strength or [stored_strength(c) or 1.0 for c in loaded]

@@ -8,20 +8,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from steerlab.cli_common import console, fail
 from steerlab.errors import SteerlabError
-
-console = Console()
 
 TASK_HELP = ("task: ab:BEHAVIOUR, mmlu_ab, truthfulqa_mc, refusal, sentiment, offensive, "
              "concept:NAME (repeat for several)")
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/] {exc}")
-    raise typer.Exit(2)
+    fail(exc)
 
 
 def _load(model: str) -> Any:

@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from steerlab.cli_common import console, fail
 from steerlab.errors import SteerlabError
 
-console = Console()
 sae_app = typer.Typer(help="Sparse autoencoders on residual-stream activations (for SAS).",
                       no_args_is_help=True)
 
@@ -21,8 +20,7 @@ SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/] {exc}")
-    raise typer.Exit(2)
+    fail(exc)
 
 
 def corpus_texts(corpus: str) -> list[str]:

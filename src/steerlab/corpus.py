@@ -192,14 +192,15 @@ def corpus_activations(
         from tqdm.auto import tqdm
         bar = tqdm(total=max_tokens, desc=f"corpus activations {s}", unit="tok", leave=False)
     handle = module.register_forward_hook(hook)
-    side = tok.padding_side
-    tok.padding_side = "right"  # positions then count from 0 in every row without position ids
+    # right padding (per call, the tokenizer is not changed): positions then count from 0 in
+    # every row without position ids
     try:
         for start in range(0, len(texts), batch_size):
             if n_tokens >= max_tokens:
                 break
             enc = tok(list(texts[start:start + batch_size]), return_tensors="pt",
-                      padding=True, truncation=True, max_length=max_length)
+                      padding=True, padding_side="right", truncation=True,
+                      max_length=max_length)
             mask = enc["attention_mask"].bool()
             try:
                 with torch.no_grad():
@@ -224,7 +225,6 @@ def corpus_activations(
         flush()
     finally:
         handle.remove()
-        tok.padding_side = side
         if bar is not None:
             bar.close()
     if n_tokens == 0:

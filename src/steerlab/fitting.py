@@ -7,6 +7,7 @@ fingerprint, fit time and figures).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,22 @@ _RECIPE_POSITION = {
     "last": Position.last(),
     "mean": Position.completion_mean(),
 }
+
+
+_ANSWER = re.compile(r"^\s*(\(\s*[A-Za-z0-9]\s*\)|[A-Za-z0-9](\s*$|[).:]))")
+
+
+def check_answer_letters(data: ContrastiveSet) -> None:
+    """Recipe ``ab`` reads the answer letter of each completion: refuse a set whose
+    completions are not answer choices ("(A)", "(B) text", "A)", "B.", a bare letter), where
+    it would read the first letter of free text instead."""
+    for i, pair in enumerate(data):
+        for side, text in (("positive", pair.positive), ("negative", pair.negative)):
+            if not _ANSWER.match(text):
+                raise DataError(
+                    f"recipe 'ab' reads an answer letter such as '(A)', but pair {i}'s {side} "
+                    f"completion {text[:40]!r} is not an answer choice; use recipe 'last' or "
+                    f"'mean' for free-text completions")
 
 
 def contrastive_samples(
@@ -414,6 +431,8 @@ def fit_sas(
                         f"hidden size {lm.info.hidden_size}")
     start = time.perf_counter()
     pos_s, neg_s = contrastive_samples(data, renderer)
+    if controller.recipe == "ab":
+        check_answer_letters(data)
     position = _RECIPE_POSITION[controller.recipe]
     pos = collect(lm, pos_s, [site], position, batch_size=batch_size, cache=cache,
                   progress=progress, desc="positive activations")[site]
@@ -458,6 +477,8 @@ def class_activations(
         kw["rendered"] = False
     else:
         data.validate(min_size=1)
+        if recipe == "ab":
+            check_answer_letters(data)
         p, n = contrastive_samples(data, renderer or Renderer(lm.tokenizer))
         pos_s, neg_s = list(p), list(n)
     position = _RECIPE_POSITION[recipe]
@@ -689,10 +710,20 @@ def fit_angular(
     return _record_fit(controller, lm, data, position, t_collect, t_fit)
 
 
+def _fit_actadd_by_name(lm: LoadedModel, data: Any, controller: ActAdd, **kw: Any) -> ActAdd:
+    """ActAdd reads only its own prompt pair: a data set given to it would be silently
+    ignored, so it is refused."""
+    if data is not None:
+        raise DataError(
+            "ActAdd is fitted from its own prompt pair (ActAdd(positive=..., negative=...)), "
+            "not from a data set: pass data=None (or fit CAA on the set)")
+    return fit_actadd(lm, controller)
+
+
 def _fitter(method: str) -> Any:
     """The fitting function of a method (the generic one unless the method needs its own)."""
     table: dict[str, Any] = {
-        "caa": fit_caa, "actadd": lambda lm, data, c, **kw: fit_actadd(lm, c),  # its own prompts
+        "caa": fit_caa, "actadd": _fit_actadd_by_name,
         "alqr": fit_alqr, "alqr_plus": fit_alqr, "spid": fit_lfs_baseline,
         "actadd_lfs": fit_lfs_baseline, "odesteer": fit_odesteer,
         "step_odesteer": fit_odesteer, "innsteer": fit_innsteer, "sas": fit_sas,
@@ -743,7 +774,7 @@ def build_controller(method: str, lm: LoadedModel, *, layer: int | None = None,
     return cls(**kw)
 
 
-def fit_method(lm: LoadedModel, method: str, data: ContrastiveSet | LabeledSet, *,
+def fit_method(lm: LoadedModel, method: str, data: ContrastiveSet | LabeledSet | None, *,
                layer: int | None = None, recipe: str | None = None,
                scope: str | None = None, preset: str | None = None, cache: bool = True,
                progress: bool = False, auto: bool = False, budget: float = 0.25,
@@ -761,6 +792,9 @@ def fit_method(lm: LoadedModel, method: str, data: ContrastiveSet | LabeledSet, 
     if auto:
         from steerlab.autotune import auto_fit
 
+        if data is None:
+            raise DataError("auto=True chooses the block and strength on a validation slice "
+                            "of the data: give a data set")
         return auto_fit(lm, method, data, layers=[layer] if layer is not None else None,
                         budget=budget, progress=progress, recipe=recipe, scope=scope,
                         preset=preset, cache=cache, **hyperparameters)

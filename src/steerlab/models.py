@@ -271,14 +271,17 @@ def load_model(
 
 
 def wrap_model(model: Any, tokenizer: Any, *, model_id: str | None = None) -> LoadedModel:
-    """Wrap an already loaded transformers model and tokenizer as a :class:`LoadedModel`."""
+    """Wrap an already loaded transformers model and tokenizer as a :class:`LoadedModel`.
+
+    The caller's tokenizer is never changed: steerlab passes its padding side per call, and a
+    tokenizer without a pad token is copied first and given EOS as its pad token (padded
+    positions are masked out and never steered)."""
     model.eval()
     if tokenizer is not None and tokenizer.pad_token is None:
-        # Left padding needs a pad token; reusing EOS is harmless because padded positions
-        # are masked out and never steered.
+        import copy
+
+        tokenizer = copy.deepcopy(tokenizer)
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer is not None:
-        tokenizer.padding_side = "left"
     from steerlab.sites import find_layers
 
     layers = find_layers(model)  # fails first, with how to name the layers, on odd layouts
@@ -292,3 +295,45 @@ def wrap_model(model: Any, tokenizer: Any, *, model_id: str | None = None) -> Lo
         is_chat=bool(tokenizer is not None and getattr(tokenizer, "chat_template", None)),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def model_shape(name: str) -> tuple[int, int, int | None] | None:
+    """(blocks, hidden size, context length) of a model, read from its config or GGUF header
+    without loading any weights, so that arguments can be checked before heavy work; ``None``
+    when the name is only known to the hub (or the header cannot be read)."""
+    try:
+        if name in EMBEDDED or name.endswith(".gguf"):
+            path = EMBEDDED[name].locate() if name in EMBEDDED else Path(name).expanduser()
+            return _gguf_shape(path) if path.is_file() else None
+        folder = Path(name).expanduser()
+        if (folder / "config.json").is_file():
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(str(folder))
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            ctx = getattr(text, "max_position_embeddings", None)
+            return (int(text.num_hidden_layers), int(text.hidden_size),
+                    int(ctx) if ctx else None)
+    except (ModelLoadError, OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None
+    return None
+
+
+def _gguf_shape(path: Path) -> tuple[int, int, int | None] | None:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def scalar(key: str) -> Any:
+        field = reader.fields.get(key)
+        return None if field is None else field.parts[field.data[0]][0]
+
+    arch_field = reader.fields.get("general.architecture")
+    if arch_field is None:
+        return None
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+    blocks, width = scalar(f"{arch}.block_count"), scalar(f"{arch}.embedding_length")
+    ctx = scalar(f"{arch}.context_length")
+    if blocks is None or width is None:
+        return None
+    return int(blocks), int(width), int(ctx) if ctx is not None else None

@@ -469,11 +469,12 @@ class steering:
 def tokenize_prompts(
     lm: LoadedModel, texts: Sequence[str], *, rendered: bool
 ) -> dict[str, torch.Tensor]:
-    """Tokenize with left padding. Chat-rendered text already holds its special tokens."""
+    """Tokenize with left padding (given per call: the tokenizer's own setting is left as it
+    is). Chat-rendered text already holds its special tokens."""
     tok = lm.tokenizer
-    tok.padding_side = "left"
     add_special = not (rendered and lm.info.is_chat)
-    enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special)
+    enc = tok(list(texts), return_tensors="pt", padding=True, padding_side="left",
+              add_special_tokens=add_special)
     return {"input_ids": enc["input_ids"].to(lm.device),
             "attention_mask": enc["attention_mask"].to(lm.device)}
 

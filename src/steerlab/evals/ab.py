@@ -89,29 +89,24 @@ def ab_scores(lm: LoadedModel, data: ContrastiveSet,
     p_a: list[float] = [0.0] * len(texts)
     lengths = [len(tok(t, add_special_tokens=add_special)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda j: lengths[j])
-    old_side = tok.padding_side
-    tok.padding_side = "right"
-    try:
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            enc = tok([texts[j] for j in idx], add_special_tokens=add_special, padding=True,
-                      return_tensors="pt")
-            mask = enc["attention_mask"].to(lm.device)
-            with torch.no_grad(), steering(lm, steers):
-                logits = lm.model(input_ids=enc["input_ids"].to(lm.device),
-                                  attention_mask=mask, use_cache=False).logits
-            last = mask.sum(dim=1) - 1
-            rows = logits[torch.arange(logits.shape[0], device=logits.device), last].float()
-            pos = torch.tensor([pos_ids[j] for j in idx], device=rows.device)
-            neg = torch.tensor([neg_ids[j] for j in idx], device=rows.device)
-            duo = torch.stack([rows.gather(1, pos[:, None])[:, 0],
-                               rows.gather(1, neg[:, None])[:, 0]], dim=1)
-            two = torch.softmax(rows[:, [a_id, b_id]], dim=-1)
-            for k, (pm, pa) in enumerate(zip(torch.softmax(duo, dim=-1)[:, 0].cpu(),
-                                             two[:, 0].cpu(), strict=True)):
-                p_match[idx[k]], p_a[idx[k]] = float(pm), float(pa)
-    finally:
-        tok.padding_side = old_side
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        enc = tok([texts[j] for j in idx], add_special_tokens=add_special, padding=True,
+                  padding_side="right", return_tensors="pt")
+        mask = enc["attention_mask"].to(lm.device)
+        with torch.no_grad(), steering(lm, steers):
+            logits = lm.model(input_ids=enc["input_ids"].to(lm.device),
+                              attention_mask=mask, use_cache=False).logits
+        last = mask.sum(dim=1) - 1
+        rows = logits[torch.arange(logits.shape[0], device=logits.device), last].float()
+        pos = torch.tensor([pos_ids[j] for j in idx], device=rows.device)
+        neg = torch.tensor([neg_ids[j] for j in idx], device=rows.device)
+        duo = torch.stack([rows.gather(1, pos[:, None])[:, 0],
+                           rows.gather(1, neg[:, None])[:, 0]], dim=1)
+        two = torch.softmax(rows[:, [a_id, b_id]], dim=-1)
+        for k, (pm, pa) in enumerate(zip(torch.softmax(duo, dim=-1)[:, 0].cpu(),
+                                         two[:, 0].cpu(), strict=True)):
+            p_match[idx[k]], p_a[idx[k]] = float(pm), float(pa)
     return ABScores(p_match, p_a, wants)
 
 

@@ -135,24 +135,19 @@ def next_token_kl(
     renderer = Renderer(tok)
     rows = [renderer.prompt(t) for t in texts] if render else list(texts)
     add_special = not (render and renderer.mode == "chat")
-    old_side = tok.padding_side
-    tok.padding_side = "right"
     total, count = 0.0, 0
-    try:
-        for start in range(0, len(rows), batch_size):
-            enc = tok(rows[start:start + batch_size], add_special_tokens=add_special,
-                      padding=True, return_tensors="pt")
-            ids = enc["input_ids"].to(lm.device)
-            mask = enc["attention_mask"].to(lm.device)
-            with torch.no_grad():
-                base = lm.model(input_ids=ids, attention_mask=mask).logits.float()
-                with steering(lm, steers):
-                    steered = lm.model(input_ids=ids, attention_mask=mask).logits.float()
-            lp, lq = torch.log_softmax(base, -1), torch.log_softmax(steered, -1)
-            kl = (lp.exp() * (lp - lq)).sum(-1)
-            sel = mask.bool()
-            total += float(kl[sel].sum())
-            count += int(sel.sum())
-    finally:
-        tok.padding_side = old_side
+    for start in range(0, len(rows), batch_size):
+        enc = tok(rows[start:start + batch_size], add_special_tokens=add_special,
+                  padding=True, padding_side="right", return_tensors="pt")
+        ids = enc["input_ids"].to(lm.device)
+        mask = enc["attention_mask"].to(lm.device)
+        with torch.no_grad():
+            base = lm.model(input_ids=ids, attention_mask=mask).logits.float()
+            with steering(lm, steers):
+                steered = lm.model(input_ids=ids, attention_mask=mask).logits.float()
+        lp, lq = torch.log_softmax(base, -1), torch.log_softmax(steered, -1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)
+        sel = mask.bool()
+        total += float(kl[sel].sum())
+        count += int(sel.sum())
     return total / count

@@ -155,3 +155,26 @@ def test_odesteer_artifact_round_trip(tmp_path: Path) -> None:
     assert a == b
     with pytest.raises(ArtifactError):
         artifacts.load(tmp_path / "ode.safetensors", tiny_model("qwen3").info)
+
+
+def test_artifacts_respect_the_umask_and_refuse_a_directory(tmp_path: Path) -> None:
+    """Artifacts get 0666 less the umask, as GGUF exports and any new file do (they used to
+    be 0600 whatever the umask); saving onto a directory fails before writing anything."""
+    import os
+    import stat
+
+    from steerlab.io import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        p = atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("x"))
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644
+        os.umask(0o077)
+        q = atomic_write(tmp_path / "b.txt", lambda tmp: Path(tmp).write_text("x"))
+        assert stat.S_IMODE(q.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError):
+        atomic_write(tmp_path / "d", lambda tmp: Path(tmp).write_text("x"))
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.txt", "b.txt", "d"]

@@ -48,6 +48,10 @@ def test_serve_command_end_to_end(folder: Path, tmp_path: Path) -> None:
     c.set_vectors({Site("resid_post", 1): torch.randn(info.hidden_size)})
     c.model_info = info
     artifacts.save(c, tmp_path / "up.safetensors")
+    flat = CAA(layers=[1], scope="all")  # a 2-D "vector": loads, but cannot steer
+    flat.set_vectors({Site("resid_post", 1): torch.randn(2, info.hidden_size)})
+    flat.model_info = info
+    artifacts.save(flat, tmp_path / "flat.safetensors")
     port = free_port()
     proc = serve(folder, tmp_path, port, "--max-tokens", "16")
     try:
@@ -75,6 +79,9 @@ def test_serve_command_end_to_end(folder: Path, tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
+    # the invalid controller was skipped at start-up, with the file and the reason
+    warning = next(line for line in err.splitlines() if line.startswith("warning:"))
+    assert "flat.safetensors" in warning and "shape (2, 32)" in warning
     records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     requests = [x for x in records if x.get("event") == "request"]
     assert [x["status"] for x in requests] == [200]
@@ -90,7 +97,27 @@ def test_serve_refuses_controllers_of_another_model(folder: Path, tmp_path: Path
     c.set_vectors({Site("resid_post", 1): torch.randn(32)})
     c.model_info = type(other.info)("some-other-model", "LlamaForCausalLM", 64, 2, False)
     artifacts.save(c, tmp_path / "foreign.safetensors")
-    proc = serve(folder, tmp_path, free_port())
+    proc = serve(folder, tmp_path, free_port(), "--strict-controllers")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert "some-other-model" in err and str(folder) in err.replace("\n", "")
+
+
+@pytest.mark.parametrize(("options", "needle"), [
+    (["--max-strength", "nan"], "--max-strength must be a finite, positive number"),
+    (["--max-strength", "inf"], "--max-strength must be a finite, positive number"),
+    (["--max-strength", "-inf"], "--max-strength must be a finite, positive number"),
+    (["--max-strength", "0"], "--max-strength must be a finite, positive number"),
+    (["--max-tokens", "8", "--default-max-tokens", "9"], "default_max_tokens (9) exceeds"),
+    (["--max-steers", "0"], "max_steers must be a positive integer"),
+])
+def test_serve_refuses_bad_options_in_one_line(tmp_path: Path, options: list[str],
+                                                needle: str) -> None:
+    """Checked before the model loads: a one-line error and exit status 2."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "steerlab.cli", "serve", "--model", str(tmp_path / "absent"),
+         *options], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
+    assert "Traceback" not in proc.stderr

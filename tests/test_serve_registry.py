@@ -91,14 +91,21 @@ def test_folder_errors_name_the_problem(lm: LoadedModel, tmp_path: Path) -> None
     manifest.unlink()
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ArtifactError, match="broken"):
-        ControllerRegistry.from_dir(tmp_path, lm.info)
+        ControllerRegistry.from_dir(tmp_path, lm.info, strict_controllers=True)
+    # by default a file that cannot be served is skipped, with the reason
+    reg = ControllerRegistry.from_dir(tmp_path, lm.info)
+    assert reg.names == ["mood"]
+    assert [(p.name, "not a safetensors" in why) for p, why in reg.skipped] == [
+        ("broken.safetensors", True)]
 
 
 def test_artifacts_from_another_model_fail_at_load(lm: LoadedModel, tmp_path: Path) -> None:
     gpt2 = tiny_model("gpt2")  # hidden 32 too: same shapes, another model id
     artifacts.save(caa_for(gpt2), tmp_path / "other.safetensors")
     with pytest.raises(ArtifactError, match=f"{gpt2.info.model_id}.*{lm.info.model_id}"):
-        ControllerRegistry.from_dir(tmp_path, lm.info)
+        ControllerRegistry.from_dir(tmp_path, lm.info, strict_controllers=True)
+    skipping = ControllerRegistry.from_dir(tmp_path, lm.info)
+    assert skipping.names == [] and gpt2.info.model_id in skipping.skipped[0][1]
     assert ControllerRegistry.from_dir(tmp_path, lm.info, strict=False).names == ["other"]
     wide = tmp_path / "wide"
     wide.mkdir()
@@ -106,4 +113,4 @@ def test_artifacts_from_another_model_fail_at_load(lm: LoadedModel, tmp_path: Pa
     c.model_info = type(lm.info)("big-model", "LlamaForCausalLM", 48, 2, True)
     artifacts.save(c, wide / "w.safetensors")
     with pytest.raises(ArtifactError, match="hidden size"):
-        ControllerRegistry.from_dir(wide, lm.info, strict=False)
+        ControllerRegistry.from_dir(wide, lm.info, strict=False, strict_controllers=True)

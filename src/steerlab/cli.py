@@ -551,12 +551,20 @@ def export_gguf(
     artifact: Annotated[Path, typer.Argument(help="a CAA/ActAdd artifact")],
     out: Annotated[Path, typer.Argument(help="output .gguf control vector")],
     scale: Annotated[float, typer.Option(help="multiply the vectors by this")] = 1.0,
+    force: Annotated[bool, typer.Option(
+        help="export a controller whose scope is not 'all' (llama.cpp applies a control "
+             "vector at every token)")] = False,
 ) -> None:
     """Export a linear artifact to llama.cpp's GGUF control-vector layout."""
     try:
         from steerlab import artifacts
 
-        path = artifacts.export_gguf(artifacts.load(artifact), out, scale=scale)
+        controller = artifacts.load(artifact)
+        path = artifacts.export_gguf(controller, out, scale=scale, force=force)
+        if force and str(controller.default_scope) != "all":
+            console.print(f"[yellow]warning:[/] {artifact} steers scope "
+                          f"{controller.default_scope}; llama.cpp will add it at every token",
+                          soft_wrap=True)
         console.print(f"[green]wrote[/] {path} (use with llama.cpp --control-vector)")
     except SteerlabError as exc:
         _fail(exc)
@@ -568,12 +576,17 @@ def import_gguf(
     out: Annotated[Path, typer.Argument(help="output artifact (.safetensors)")],
     model: Annotated[str, typer.Option(help="model it is for (checked)")] = "smollm2-135m",
 ) -> None:
-    """Import a llama.cpp GGUF control vector as a CAA artifact for a model."""
+    """Import a llama.cpp GGUF control vector as a CAA artifact for a model (scope all, as
+    llama.cpp applies it). The model's shape is read from its config; its weights are loaded
+    only when the config cannot be read without them."""
     try:
         from steerlab import artifacts
+        from steerlab.models import peek_model_info
 
-        lm = _load(model)
-        controller = artifacts.import_gguf(gguf_file, lm.info)
+        info = peek_model_info(model)
+        if info is None:
+            info = _load(model).info
+        controller = artifacts.import_gguf(gguf_file, info)
         console.print(f"[green]saved[/] {artifacts.save(controller, out)}")
     except SteerlabError as exc:
         _fail(exc)

@@ -3,15 +3,47 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from steerlab.errors import SteerlabError
+from steerlab.errors import SteeringError, SteerlabError
+
+if TYPE_CHECKING:
+    from steerlab.serve.registry import SteeringSpec
 
 console = Console(stderr=True)
+
+
+def parse_default_steering(items: list[str] | None) -> tuple[SteeringSpec, ...]:
+    """``--default-steering NAME[:STRENGTH[:SCOPE]]`` (repeatable; an empty STRENGTH is the
+    controller's default: ``mood::all``) into the server's steering entries."""
+    import math
+
+    from steerlab.scope import parse_scope
+    from steerlab.serve.registry import SteeringSpec
+
+    out = []
+    for item in items or []:
+        name, _, rest = item.partition(":")
+        strength_text, _, scope = rest.partition(":")
+        if not name.strip():
+            raise SteeringError(f"--default-steering {item!r}: give NAME[:STRENGTH[:SCOPE]]")
+        strength = None
+        if strength_text.strip():
+            try:
+                strength = float(strength_text)
+            except ValueError:
+                strength = math.nan
+            if not math.isfinite(strength):
+                raise SteeringError(f"--default-steering {item!r}: the strength must be a "
+                                    f"finite number, got {strength_text!r}")
+        if scope:
+            scope = str(parse_scope(scope))
+        out.append(SteeringSpec(name.strip(), strength, scope or None))
+    return tuple(out)
 
 
 def serve_command(
@@ -47,15 +79,31 @@ def serve_command(
              "warning naming the file and the reason)")] = False,
     allow_outside: Annotated[bool, typer.Option(
         help="let controllers.json name files outside the controllers folder")] = False,
+    default_steering: Annotated[list[str] | None, typer.Option(
+        help="steering of requests that send no steering field, NAME[:STRENGTH[:SCOPE]] "
+             "(repeatable; entries add up), for clients that cannot add body fields such as "
+             "lm-evaluation-harness; a request sending \"steering\": [] is unsteered",
+        show_default=False)] = None,
     log_prompts: Annotated[bool, typer.Option(help="also log prompt text")] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
     device: Annotated[str, typer.Option(help="torch device (cpu, cuda, cuda:1, ...)")] = "cpu",
     dtype: Annotated[str, typer.Option(help="weights dtype: float32, bfloat16, float16")] = (
         "float32"),
+    backend: Annotated[str, typer.Option(
+        help="steerlab (its own engine) or vllm (vLLM's OpenAI server with steerlab's plugin, "
+             "from .venv-vllm; see docs/vllm.md)")] = "steerlab",
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API; each request picks its own steering
     in the body field "steering": [{"controller": NAME, "strength": S, "scope": SCOPE}]."""
+    if backend != "steerlab":
+        from steerlab.vllm_plugin.cli import exec_vllm
+
+        exec_vllm(backend, model=model, controllers=controllers, host=host, port=port,
+                  served_name=served_name, api_key=api_key, max_batch=max_batch,
+                  max_prompt_tokens=max_prompt_tokens, max_strength=max_strength,
+                  max_steers=max_steers, strict=strict, dtype=dtype)
+        return
     try:
         import dataclasses
 
@@ -74,6 +122,7 @@ def serve_command(
             served_name=served_name or model, api_key=api_key or None,
             max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
             default_max_tokens=default_max_tokens, log_prompts=log_prompts,
+            default_steering=parse_default_steering(default_steering),
             engine=EngineConfig(max_batch=max_batch, max_queue=max_queue,
                                 max_prefill_tokens=max_prefill_tokens))
         registry = ControllerRegistry({}, max_steers=max_steers)

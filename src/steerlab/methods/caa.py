@@ -37,6 +37,7 @@ from steerlab.scope import parse_scope
 from steerlab.sites import Site
 
 Recipe = Literal["ab", "last", "mean"]
+CAARecipe = Literal["ab", "last", "mean", "imported"]
 
 
 def _layers_arg(layers: int | Sequence[int]) -> list[int]:
@@ -98,7 +99,8 @@ class CAA(AdditiveController):
     Args:
         layers: block index or indices to steer.
         site: ``"resid_post"`` (block output, the paper's choice) or ``"resid_pre"``.
-        recipe: ``"ab"``, ``"last"`` or ``"mean"`` (which token the fit reads).
+        recipe: ``"ab"``, ``"last"`` or ``"mean"`` (which token the fit reads);
+            ``"imported"`` marks a vector read from a GGUF control vector (not fitted here).
         normalize: if given, rescale each layer's vector to this L2 norm.
         scope: default token scope (``"from:-1"``, CAA's own).
     """
@@ -121,12 +123,12 @@ class CAA(AdditiveController):
         layers: int | Sequence[int] = 15,
         *,
         site: Literal["resid_post", "resid_pre"] = "resid_post",
-        recipe: Recipe = "last",
+        recipe: CAARecipe = "last",
         normalize: float | None = None,
         scope: str = "from:-1",
     ) -> None:
         super().__init__()
-        if recipe not in ("ab", "last", "mean"):
+        if recipe not in ("ab", "last", "mean", "imported"):
             raise SteeringError(f"unknown CAA recipe {recipe!r}; use ab, last or mean")
         if site not in ("resid_post", "resid_pre"):
             raise SteeringError(f"CAA steers resid_post or resid_pre, not {site!r}")
@@ -134,7 +136,7 @@ class CAA(AdditiveController):
             raise SteeringError(f"normalize must be a positive norm, got {normalize}")
         self.layers = _layers_arg(layers)
         self.site = site
-        self.recipe: Recipe = recipe
+        self.recipe: CAARecipe = recipe
         self.normalize = normalize
         self.scope = scope
         self.default_scope = parse_scope(scope)

@@ -11,6 +11,7 @@ from steerlab.serve.engine import (
     EngineConfig,
     Event,
     RequestHandle,
+    TokenLogprob,
 )
 from steerlab.serve.sampling import SamplingParams
 
@@ -23,4 +24,5 @@ __all__ = [
     "Event",
     "RequestHandle",
     "SamplingParams",
+    "TokenLogprob",
 ]

@@ -4,8 +4,16 @@ Endpoints: ``GET /health`` (no auth), ``GET /v1/models``, ``GET /v1/steering``,
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed with server-sent events
 when ``"stream": true``). A request picks its steering in the extra body field
 ``"steering": [{"controller": "positive", "strength": 4.0, "scope": "all"}, ...]``; several
-entries add up, none means plain generation. Requests run on one
+entries add up, none means plain generation (a request without the field gets the server's
+``default_steering``, none by default). Requests run on one
 :class:`~steerlab.serve.engine.Engine`, batched with whatever else is running.
+
+Log-probabilities: ``logprobs`` and ``echo`` on ``/v1/completions`` (the legacy layout
+``{tokens, token_logprobs, top_logprobs, text_offset}``; ``echo`` with ``logprobs`` scores the
+prompt too, ``max_tokens: 0`` only that, which is what lm-evaluation-harness's
+``local-completions`` sends for loglikelihood requests), ``logprobs`` and ``top_logprobs`` on
+chat. The engine computes them (prompt scores in the pre-fill); token texts are decoded here,
+in a worker thread. Streams carry the resolved ``steering`` in their first chunk.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``:
 401 without the bearer token (when one is set: every route but ``/health``, the API docs
@@ -36,9 +44,9 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -60,9 +68,10 @@ from steerlab.serve.engine import (
     EngineConfig,
     Event,
     RequestHandle,
+    TokenLogprob,
 )
 from steerlab.serve.protocol import ChatRequest, CompletionRequest, ErrorBody
-from steerlab.serve.registry import ControllerRegistry
+from steerlab.serve.registry import ControllerRegistry, SteeringSpec
 from steerlab.serve.sampling import SamplingParams
 
 log = logging.getLogger("steerlab.serve")
@@ -97,6 +106,9 @@ class ServerConfig:
         max_body_bytes: largest request body.
         log_prompts: also log prompt text (off by default).
         engine: the engine's capacity.
+        default_steering: the steering of a request that sends no ``steering`` field (one
+            that sends ``"steering": []`` is unsteered), for clients that cannot add a body
+            field (lm-evaluation-harness); checked against the controllers at start-up.
     """
 
     served_name: str
@@ -109,8 +121,12 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     disconnect_poll_s: float = 0.2
     default_max_tokens: int | None = None
+    default_steering: tuple[SteeringSpec, ...] = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.default_steering, tuple) or not all(
+                isinstance(x, SteeringSpec) for x in self.default_steering):
+            raise SteeringError("default_steering must be a tuple of SteeringSpec")
         for name in ("max_tokens", "max_prompt_tokens", "max_n", "max_body_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -251,6 +267,10 @@ class _Server:
         self.engine = Engine(lm, config.engine)
         # every controller is checked against the model now, never at request time
         registry.validate(lm, layers=self.engine.layers)
+        try:
+            registry.resolve(list(config.default_steering))
+        except SteerlabError as exc:
+            raise SteeringError(f"default steering: {exc}") from exc
         self.created = int(time.time())
         # the app's own tokenizer, so that encoding (in a worker thread) never waits for the
         # engine's decoding, nor makes it wait; the shared one under the engine's lock if it
@@ -272,9 +292,53 @@ class _Server:
                                 f"implement them; leave them unset)", param=bad[0],
                            code="unsupported_option")
         try:
-            return self.registry.resolve(req.steering_specs())
+            return self.registry.resolve(self.specs(req))
         except SteerlabError as exc:
             raise APIError(400, str(exc), param="steering", code="invalid_steering") from exc
+
+    def specs(self, req: ChatRequest | CompletionRequest) -> list[SteeringSpec]:
+        """The request's steering, or the server's default when it sends no field."""
+        if req.steering is None:
+            return list(self.config.default_steering)
+        return req.steering_specs()
+
+    def token_strings(self, ids: Iterable[int], *, spell_bytes: bool = False) -> dict[int, str]:
+        """Each token's own text (special tokens spelt out), for log-probabilities; with
+        ``spell_bytes``, a token that is part of a character is spelt ``bytes:\\xe2\\x80``
+        as OpenAI's legacy completions do (its text alone would be U+FFFD, the same for many
+        tokens: the ``top_logprobs`` dicts would merge them)."""
+        uniq = sorted(set(ids))
+        with self.tokenizer_lock:
+            texts = self.tokenizer.batch_decode([[i] for i in uniq], skip_special_tokens=False,
+                                                clean_up_tokenization_spaces=False)
+        out = dict(zip(uniq, texts, strict=True))
+        if spell_bytes:
+            for t, raw in self.token_bytes(out, partial_only=True).items():
+                out[t] = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return out
+
+    def token_bytes(self, strings: dict[int, str], *,
+                    partial_only: bool = False) -> dict[int, list[int]]:
+        """Each token's bytes (chat ``bytes``): its text's UTF-8, except for a token that is
+        part of a character (its text is U+FFFD), whose own bytes are read from its
+        byte-level (GPT-2) or ``<0xHH>`` (SentencePiece) spelling where it has one
+        (``partial_only``: only those)."""
+        out = {} if partial_only else {t: list(s.encode("utf-8")) for t, s in strings.items()}
+        partial = [t for t, s in strings.items() if _REPLACEMENT in s]
+        if partial:
+            with self.tokenizer_lock:
+                pieces = self.tokenizer.convert_ids_to_tokens(partial)
+            for t, piece in zip(partial, pieces, strict=True):
+                raw = _piece_bytes(piece) if isinstance(piece, str) else None
+                if raw is not None:
+                    out[t] = raw
+        return out
+
+    def decode_prompt(self, ids: Sequence[int]) -> str:
+        """A token-id prompt's text, for ``echo`` (special tokens spelt out)."""
+        with self.tokenizer_lock:
+            return str(self.tokenizer.decode(list(ids), skip_special_tokens=False,
+                                             clean_up_tokenization_spaces=False))
 
     # -- counts and sizes, before any tokenization (cheap: lengths only) ------------------------
     def check_count(self, prompts: int, n: int) -> None:
@@ -379,9 +443,7 @@ class _Server:
             for i, ids in enumerate(prompts):
                 for j in range(n):
                     seed = None if base.seed is None else base.seed + j
-                    params = SamplingParams(
-                        max_tokens=base.max_tokens, temperature=base.temperature,
-                        top_p=base.top_p, seed=seed, stop=base.stop, ignore_eos=base.ignore_eos)
+                    params = replace(base, seed=seed)
                     handles.append(self.engine.submit(ids, params, steers,
                                                       request_id=f"{rid}-{i * n + j}", loop=loop))
         except EngineBusy as exc:
@@ -397,6 +459,37 @@ class _Server:
                 h.cancel()
             raise APIError(400, str(exc)) from exc
         return handles
+
+
+_REPLACEMENT = "\ufffd"
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-to-character map, inverted: which byte each character spells."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def _piece_bytes(piece: str) -> list[int] | None:
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return [int(piece[3:5], 16)]
+        except ValueError:
+            return None
+    if piece and all(c in _BYTE_LEVEL for c in piece):
+        return [_BYTE_LEVEL[c] for c in piece]
+    return None
 
 
 def _own_tokenizer(tok: Any, shared_lock: threading.Lock) -> tuple[Any, threading.Lock]:
@@ -415,6 +508,67 @@ def _longest_token(tok: Any) -> int:
     except Exception:
         longest = 0
     return longest if longest > 0 else 64
+
+
+class _Layout:
+    """A request's choices as the client sees them: the echoed prompt before the completion
+    (legacy completions with ``echo``) and log-probabilities in the endpoint's layout, for
+    the whole body (``full``, in a worker thread: it decodes every token) or a stream's
+    events (``event``, offsets carried from one chunk to the next)."""
+
+    def __init__(self, kind: responses.Kind, server: _Server, n: int,
+                 echo: list[str] | None, logprobs: bool) -> None:
+        self.kind, self.server, self.n, self.echo, self.logprobs = (
+            kind, server, n, echo, logprobs)
+        self.started: set[int] = set()
+        self.offsets: dict[int, int] = {}
+
+    def _entries(self, prompt: list[TokenLogprob] | None,
+                 generated: list[TokenLogprob]) -> list[TokenLogprob]:
+        return [*(prompt or []), *generated] if self.echo is not None else list(generated)
+
+    def _layout(self, entries: list[TokenLogprob], strings: dict[int, str],
+                offset: int) -> dict[str, Any]:
+        if self.kind == "chat":
+            return responses.chat_logprobs(entries, strings, self.server.token_bytes(strings))
+        return responses.completion_logprobs(entries, strings, offset)
+
+    def _strings(self, entries: list[TokenLogprob]) -> dict[int, str]:
+        return self.server.token_strings(
+            [e.token for e in entries] + [t for e in entries for t, _ in e.top],
+            spell_bytes=self.kind == "completion")
+
+    def full(self, results: Sequence[Completion]
+             ) -> tuple[list[str] | None, list[dict[str, Any] | None] | None]:
+        texts = None if self.echo is None else [
+            self.echo[k // self.n] + r.text for k, r in enumerate(results)]
+        if not self.logprobs:
+            return texts, None
+        entries = [self._entries(r.prompt_logprobs, r.logprobs) for r in results]
+        strings = self._strings([e for x in entries for e in x])
+        return texts, [self._layout(x, strings, 0) for x in entries]
+
+    def wanted(self, i: int, event: Event) -> bool:
+        """Whether a stream event makes a chunk."""
+        return bool(event.text or event.finish_reason is not None or event.logprobs
+                    or (self.echo is not None and i not in self.started))
+
+    async def event(self, i: int, event: Event) -> tuple[str, dict[str, Any] | None]:
+        """A stream event's text and log-probabilities (the prompt before the first)."""
+        first = i not in self.started
+        self.started.add(i)
+        text = event.text
+        if first and self.echo is not None:
+            text = self.echo[i // self.n] + text
+        if not self.logprobs:
+            return text, None
+        entries = self._entries(event.prompt_logprobs if first else None, event.logprobs)
+        offset = self.offsets.get(i, 0)
+        layout = await asyncio.to_thread(
+            lambda: self._layout(entries, self._strings(entries), offset))
+        if self.kind == "completion":
+            self.offsets[i] = self.offsets.get(i, 0) + sum(len(t) for t in layout["tokens"])
+        return text, layout
 
 
 def _failure(results: Sequence[Completion | Event]) -> APIError | None:
@@ -547,6 +701,8 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
     async def list_steering() -> dict[str, Any]:
         return {"object": "list", "model": cfg.served_name,
                 "max_steering_entries": server.registry.max_steers,
+                "default_steering": server.registry.describe_steers(
+                    list(cfg.default_steering)),
                 "scopes": ["last", "all", "generated", "from:P"],
                 "data": [server.registry.controllers[n].describe()
                          for n in server.registry.names]}
@@ -554,15 +710,25 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
     @app.post("/v1/completions", responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         steers = server.check_common(body)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 (generate nothing) needs echo: true (score the "
+                                "prompt with logprobs)", param="max_tokens")
         server.check_completion_sizes(body)  # before any tokenization
         prompts = await asyncio.to_thread(server.encode_completion_prompts, body)
         server.check_prompts(prompts)
+        echo: list[str | None] | None = None
+        if body.echo:  # the prompts' text as given (token-id prompts: decoded once valid)
+            p: Any = body.prompt
+            echo = [p] if isinstance(p, str) else (
+                list(p) if p and isinstance(p[0], str) else [None] * len(prompts))
         return await _generate("completion", body, prompts, steers, request,
-                               prompt_log=body.prompt)
+                               prompt_log=body.prompt, echo=echo)
 
     @app.post("/v1/chat/completions", responses=_ERRORS)
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         steers = server.check_common(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         server.check_chat_sizes(body)  # before any rendering or tokenization
         prompts = [await asyncio.to_thread(server.encode_chat, body)]
         server.check_prompts(prompts)
@@ -571,27 +737,46 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
 
     async def _generate(kind: responses.Kind, body: ChatRequest | CompletionRequest,
                         prompts: list[list[int]], steers: list[Steer], request: Request,
-                        prompt_log: Any) -> Any:
+                        prompt_log: Any, echo: list[str | None] | None = None) -> Any:
         asked = body.limit() if isinstance(body, ChatRequest) else body.max_tokens
         if isinstance(body, CompletionRequest) and "max_tokens" not in body.model_fields_set:
             asked = min(OPENAI_COMPLETION_DEFAULT, cfg.max_tokens)  # OpenAI's default
+        if isinstance(body, ChatRequest):
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            prompt_logprobs = None
+        else:
+            logprobs = body.logprobs
+            # echo scores the prompt when log-probabilities are asked for; max_tokens 0
+            # always runs the prompt (and reports what was asked)
+            prompt_logprobs = (logprobs if logprobs is not None else 0) if body.echo and (
+                logprobs is not None or asked == 0) else None
         try:
             base = SamplingParams(max_tokens=server.max_tokens(asked, prompts),
                                   temperature=body.temperature, top_p=body.top_p,
                                   seed=body.seed, stop=body.stop_list(),
-                                  ignore_eos=body.ignore_eos)
+                                  ignore_eos=body.ignore_eos, logprobs=logprobs,
+                                  prompt_logprobs=prompt_logprobs)
         except SteerlabError as exc:
             raise APIError(400, str(exc)) from exc
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
-        handles = server.submit(prompts, body.n, base, steers, rid)
+        handles = server.submit(prompts, body.n, base, steers, rid)  # checks the token ids
+        try:
+            echoed = None if echo is None else [
+                e if e is not None else await asyncio.to_thread(server.decode_prompt, ids)
+                for e, ids in zip(echo, prompts, strict=True)]
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        out = _Layout(kind, server, body.n, echoed, logprobs is not None)
         prompt_tokens = sum(len(p) for p in prompts)
         record: dict[str, Any] = {
             "event": "request", "id": rid, "endpoint": request.url.path, "stream": body.stream,
             "model": body.model, "choices": len(handles),
             "prompt_tokens": prompt_tokens, "max_tokens": base.max_tokens,
             "temperature": base.temperature, "steering": server.registry.describe_steers(
-                body.steering_specs()),
+                server.specs(body)),
             "client": request.client.host if request.client else None,
         }
         if cfg.log_prompts:
@@ -602,7 +787,7 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _Stream(
                 _stream(kind, rid, created, body.model, handles, prompt_tokens, include_usage,
-                        record), handles,
+                        record, out), handles,
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
         started = time.perf_counter()
@@ -620,8 +805,10 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
             _log_done(record, failure.status, handles, started, results, failure.message)
             raise failure
         _log_done(record, 200, handles, started, results)
+        texts, lps = await asyncio.to_thread(out.full, results)
         return JSONResponse(responses.full_response(kind, rid, created, body.model, results,
-                                                    prompt_tokens, steering_desc),
+                                                    prompt_tokens, steering_desc, texts=texts,
+                                                    logprobs=lps),
                             headers={"X-Request-Id": rid})
 
     async def _gather(handles: Sequence[RequestHandle],
@@ -643,16 +830,20 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
 
     async def _stream(kind: responses.Kind, rid: str, created: int, model: str,
                       handles: Sequence[RequestHandle], prompt_tokens: int,
-                      include_usage: bool, record: dict[str, Any]) -> AsyncIterator[str]:
+                      include_usage: bool, record: dict[str, Any],
+                      out: _Layout) -> AsyncIterator[str]:
         started = time.perf_counter()
         status, message = 200, None
         finished = False
         tokens = 0
         reasons: dict[int, str] = {}
+        steering: list[dict[str, Any]] | None = record["steering"]  # in the first chunk only
         try:
             if kind == "chat":
                 for i in range(len(handles)):
-                    yield responses.sse(responses.chunk(kind, rid, created, model, i, role=True))
+                    yield responses.sse(responses.chunk(kind, rid, created, model, i, role=True,
+                                                        steering=steering))
+                    steering = None
             async for i, event in _merged(handles):
                 tokens += len(event.token_ids)
                 if event.finish_reason is not None:
@@ -665,10 +856,12 @@ def create_app(lm: LoadedModel, registry: ControllerRegistry | None = None,
                     for h in handles:
                         h.cancel()
                     return
-                if event.text or event.finish_reason is not None:
+                if out.wanted(i, event):
+                    text, lps = await out.event(i, event)
                     yield responses.sse(responses.chunk(
-                        kind, rid, created, model, i, text=event.text,
-                        finish_reason=event.finish_reason))
+                        kind, rid, created, model, i, text=text,
+                        finish_reason=event.finish_reason, logprobs=lps, steering=steering))
+                    steering = None
             if include_usage:
                 yield responses.sse(responses.usage_chunk(kind, rid, created, model,
                                                           prompt_tokens, tokens))

@@ -21,6 +21,12 @@ seeded generator. A request's output therefore does not depend on what else is i
 (up to floating-point reduction order in batched matrix products; ``benchmarks/serve_load.py``
 and the tests check greedy outputs against the same request served alone).
 
+A request may ask for log-probabilities (``SamplingParams.logprobs``: the chosen token's and
+the top alternatives at each generated token) and for its prompt to be scored
+(``prompt_logprobs``: each prompt token given the ones before it; ``max_tokens`` may then be
+0). Scoring rows are pre-filled apart from the others of their step, with the logits of every
+position; the prompt length the runtime is told is the whole prompt's, as in generation.
+
 The engine is independent of HTTP: ``submit`` returns a :class:`RequestHandle` whose events can
 be awaited from an asyncio loop or waited for from a plain thread.
 """
@@ -49,6 +55,7 @@ from steerlab.serve.sampling import SamplingParams, TextStream, choose_tokens, m
 from steerlab.sites import LayerMap, find_layers
 
 log = logging.getLogger("steerlab.serve.engine")
+SCORE_CHUNK = 512  # prompt positions log-softmaxed at once when a request scores its prompt
 
 
 class EngineBusy(SteerlabError):
@@ -82,14 +89,35 @@ class EngineConfig:
                 raise SteeringError(f"{name} must be a positive integer, got {value!r}")
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability and the most likely alternatives at its position.
+
+    ``logprob`` is ``None`` for a prompt's first token (nothing comes before it); ``top``
+    holds ``(token id, logprob)`` pairs, most likely first (as many as asked for).
+    """
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class Event:
-    """What a request produced in one step: a text delta and its token ids, or the end."""
+    """What a request produced in one step: a text delta and its token ids, or the end.
+
+    ``logprobs`` has one entry per generated token of the step when the request asked for
+    log-probabilities (also for an end-of-sequence token, which has no text and is not in
+    ``token_ids``); the request's first event carries ``prompt_logprobs`` when it asked for
+    the prompt to be scored.
+    """
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -104,6 +132,8 @@ class Completion:
     queued_s: float = 0.0  # submission to admission
     first_token_s: float = 0.0  # submission to first token
     total_s: float = 0.0  # submission to end
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -196,6 +226,9 @@ class RequestHandle:
             queued_s=(self.admitted or end) - self.submitted,
             first_token_s=(self.first_token or end) - self.submitted,
             total_s=end - self.submitted,
+            logprobs=[lp for e in events for lp in e.logprobs],
+            prompt_logprobs=next((e.prompt_logprobs for e in events
+                                  if e.prompt_logprobs is not None), None),
         )
 
 
@@ -212,6 +245,12 @@ class _Row:
     done: bool = False
     # state controllers carry from one forward pass to the next (S-PID), this request's own
     carry: dict[Any, Any] = field(default_factory=dict)
+    # the prompt's scores, sent with the request's first event
+    pending_prompt_logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.params.prompt_logprobs is not None
 
 
 class Engine:
@@ -383,7 +422,10 @@ class Engine:
             return False
         try:
             self._drop_cancelled()
-            self._prefill_guarded(admitted)
+            # rows that score their prompt need the logits of every prompt position: they are
+            # pre-filled apart, so that the others keep computing the last position's only
+            self._prefill_guarded([r for r in admitted if not r.scores_prompt])
+            self._prefill_guarded([r for r in admitted if r.scores_prompt])
             if self._active:
                 try:
                     self._decode()
@@ -456,15 +498,17 @@ class Engine:
             self._compact()
 
     def _forward(self, rows: Sequence[_Row], input_ids: torch.Tensor, mask: torch.Tensor,
-                 positions: torch.Tensor, cache: Any,
-                 prompt_len: Sequence[int]) -> torch.Tensor:
+                 positions: torch.Tensor, cache: Any, prompt_len: Sequence[int],
+                 *, full: bool = False) -> torch.Tensor:
+        """The last position's logits ``(B, vocab)`` in float32; with ``full``, the logits
+        of every position ``(B, seq, vocab)`` in the model's dtype."""
         model = self.lm.model
         device = self.lm.device
         kwargs: dict[str, Any] = {
             "input_ids": input_ids.to(device), "attention_mask": mask.to(device),
             "position_ids": positions.to(device), self._cache_kw: cache, "use_cache": True,
         }
-        if self._logits_kw:
+        if self._logits_kw and not full:
             kwargs["logits_to_keep"] = 1
         with torch.no_grad():
             if any(r.steers for r in rows):
@@ -474,6 +518,8 @@ class Engine:
                     out = model(**kwargs)
             else:
                 out = model(**kwargs)
+        if full:
+            return out.logits
         return out.logits[:, -1, :].float()
 
     def _prefill(self, rows: list[_Row]) -> None:
@@ -486,8 +532,15 @@ class Engine:
             mask[i, width - n:] = 1
         cache = new_cache()
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # padding: any position, masked
+        full = any(r.scores_prompt for r in rows)
         logits = self._forward(rows, ids, mask, positions, cache,
-                               [len(r.prompt_ids) for r in rows])
+                               [len(r.prompt_ids) for r in rows], full=full)
+        if full:
+            for i, r in enumerate(rows):
+                if r.scores_prompt:
+                    n = len(r.prompt_ids)
+                    self._score_prompt(r, logits[i, width - n:width - 1])
+            logits = logits[:, -1, :].float()
         if not self._checked_cache:
             check_layers(cache)
             self._checked_cache = True
@@ -495,8 +548,36 @@ class Engine:
         self.counters["prompt_tokens"] += sum(len(r.prompt_ids) for r in rows)
         self._batch.extend(BatchCache(cache, mask.to(self._batch.mask.device)))
         self._active.extend(rows)
-        self._advance(rows, logits)
+        live = [i for i, r in enumerate(rows) if not r.done]
+        if live:
+            self._advance([rows[i] for i in live], logits[live])
         self._compact()
+
+    def _score_prompt(self, row: _Row, logits: torch.Tensor) -> None:
+        """The prompt tokens' log-probabilities from the logits of the positions before them
+        (``(n - 1, vocab)``), in chunks of positions (one float32 log-softmax at a time)."""
+        ids = row.prompt_ids
+        k = row.params.prompt_logprobs or 0
+        out = [TokenLogprob(ids[0], None)]
+        target = torch.tensor(ids[1:], dtype=torch.long, device=logits.device)
+        for start in range(0, len(ids) - 1, SCORE_CHUNK):
+            x = logits[start:start + SCORE_CHUNK].float()
+            if not bool(torch.isfinite(x).all()):
+                self._finish(row, Event(finish_reason="error", error=(
+                    "the model produced non-finite logits on the prompt; lower the steering "
+                    "strength")), failed=True)
+                return
+            lp = torch.log_softmax(x, dim=-1)
+            chosen = lp.gather(1, target[start:start + len(x), None])[:, 0].tolist()
+            if k:
+                values, indices = lp.topk(min(k, lp.shape[-1]), dim=-1)
+                tops = [tuple(zip(i, v, strict=True))
+                        for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+            else:
+                tops = [()] * len(chosen)
+            out.extend(TokenLogprob(t, c, top) for t, c, top in
+                       zip(ids[start + 1:start + 1 + len(x)], chosen, tops, strict=True))
+        row.pending_prompt_logprobs = out
 
     def _decode(self) -> None:
         rows = self._active
@@ -511,39 +592,54 @@ class Engine:
     def _advance(self, rows: Sequence[_Row], logits: torch.Tensor) -> None:
         """Sample each row's next token, stream it, and finish the rows that are done."""
         tokens = choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        entries = _token_logprobs(logits, rows, tokens)
         with self.tokenizer_lock:
-            self._emit(rows, tokens)
+            self._emit(rows, tokens, entries)
 
-    def _emit(self, rows: Sequence[_Row], tokens: Sequence[int | None]) -> None:
-        for r, token in zip(rows, tokens, strict=True):
+    def _emit(self, rows: Sequence[_Row], tokens: Sequence[int | None],
+              entries: Sequence[TokenLogprob | None] | None = None) -> None:
+        entries = entries if entries is not None else [None] * len(rows)
+        for r, token, entry in zip(rows, tokens, entries, strict=True):
+            lps = [entry] if entry is not None else []
+            if r.params.max_tokens == 0:  # the prompt scored, nothing to generate
+                self._finish(r, Event(finish_reason="length"))
+                continue
             if token is None:
                 self._finish(r, Event(finish_reason="error", error=(
                     f"the model produced non-finite logits after {r.generated} tokens; lower "
                     f"the steering strength")), failed=True)
                 continue
             if token in self.eos_ids and not r.params.ignore_eos:
-                self._finish(r, Event(text=r.stream.finish(), finish_reason="stop"))
+                self._finish(r, Event(text=r.stream.finish(), finish_reason="stop",
+                                      logprobs=lps))
                 continue
             delta = r.stream.push(token)
             r.generated += 1
             self.counters["generated_tokens"] += 1
             length = len(r.prompt_ids) + r.generated
             if r.stream.stopped:
-                self._finish(r, Event(text=delta, token_ids=[token], finish_reason="stop"))
+                self._finish(r, Event(text=delta, token_ids=[token], finish_reason="stop",
+                                      logprobs=lps))
             elif r.generated >= r.params.max_tokens or (
                     self.max_length is not None and length >= self.max_length):
                 self._finish(r, Event(text=delta + r.stream.finish(), token_ids=[token],
-                                      finish_reason="length"))
+                                      finish_reason="length", logprobs=lps))
             else:
                 r.next_token = token
-                r.handle._push(Event(text=delta, token_ids=[token]))
+                self._send(r, Event(text=delta, token_ids=[token], logprobs=lps))
+
+    def _send(self, row: _Row, event: Event) -> None:
+        if row.pending_prompt_logprobs is not None:  # the first event carries the prompt's
+            event.prompt_logprobs, row.pending_prompt_logprobs = (
+                row.pending_prompt_logprobs, None)
+        row.handle._push(event)
 
     def _finish(self, row: _Row, event: Event, *, failed: bool = False) -> None:
         row.done = True
         key = ("failed" if failed else "cancelled" if event.finish_reason == "cancelled"
                else "completed")
         self.counters[key] += 1
-        row.handle._push(event)
+        self._send(row, event)
 
     def _compact(self) -> None:
         keep = [i for i, r in enumerate(self._active) if not r.done]
@@ -562,6 +658,30 @@ class Engine:
             self._batch = BatchCache(new_cache(), torch.zeros(0, 0, dtype=torch.long))
         else:
             self._compact()
+
+
+def _token_logprobs(logits: torch.Tensor, rows: Sequence[_Row],
+                    tokens: Sequence[int | None]) -> list[TokenLogprob | None]:
+    """The chosen tokens' log-probabilities and top alternatives, for the rows that asked."""
+    out: list[TokenLogprob | None] = [None] * len(rows)
+    want = [i for i, (r, t) in enumerate(zip(rows, tokens, strict=True))
+            if r.params.logprobs is not None and t is not None and r.params.max_tokens > 0]
+    if not want:
+        return out
+    lp = torch.log_softmax(logits[want].float(), dim=-1)
+    k = min(max(rows[i].params.logprobs or 0 for i in want), lp.shape[-1])
+    chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in want], device=lp.device))
+    chosen_l = chosen[:, 0].tolist()
+    if k:
+        values, indices = lp.topk(k, dim=-1)
+        values_l, indices_l = values.tolist(), indices.tolist()
+    for j, i in enumerate(want):
+        n = rows[i].params.logprobs or 0
+        top = tuple(zip(indices_l[j][:n], values_l[j][:n], strict=True)) if n else ()
+        token = tokens[i]
+        assert token is not None
+        out[i] = TokenLogprob(token, chosen_l[j], top)
+    return out
 
 
 def _eos_ids(lm: LoadedModel) -> frozenset[int]:

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible endpoints (pydantic), with steerlab's extension.
 
-Fields the OpenAI API defines and steerlab does not implement (log-probabilities, penalties,
-tools, ``echo``, ...) are accepted only at their neutral values; anything else is refused
+Fields the OpenAI API defines and steerlab does not implement (penalties, tools, ``best_of``,
+``suffix``, ...) are accepted only at their neutral values; anything else is refused
 with a 400 that names the field, rather than silently ignored. Unknown fields are refused
 too (a misspelt ``steering`` must not fall back to unsteered generation without a word).
 Types are strict (pydantic strict mode): ``"max_tokens": "5"``, ``true`` or ``5.0`` is a 422,
@@ -30,6 +30,7 @@ MAX_STEERING = 256  # entries of one steering list (the server's own bound is lo
 MAX_PARTS = 256  # text parts of one message
 MAX_TOTAL_PARTS = 4096  # text parts of all the messages of one request
 StopText = Annotated[str, Field(min_length=1, max_length=200)]
+MAX_LOGPROBS = 20  # alternatives per token (logprobs, top_logprobs): vLLM's and OpenAI chat's
 
 _PROMPT_KINDS = "a string, a list of strings, a list of token ids or a list of such lists"
 
@@ -135,18 +136,14 @@ class CompletionRequest(_Common):
     """``POST /v1/completions``."""
 
     prompt: Prompt
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # 0: with echo only (score the prompt)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     best_of: int | None = None
     suffix: str | None = None
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
-        if self.echo:
-            bad.append("echo")
-        if self.logprobs is not None:
-            bad.append("logprobs")
         if self.best_of not in (None, 1):
             bad.append("best_of")
         if self.suffix:
@@ -189,7 +186,7 @@ class ChatRequest(_Common):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -211,10 +208,6 @@ class ChatRequest(_Common):
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
-        if self.logprobs:
-            bad.append("logprobs")
-        if self.top_logprobs is not None:
-            bad.append("top_logprobs")
         if self.tools:
             bad.append("tools")
         if self.tool_choice not in (None, "none"):

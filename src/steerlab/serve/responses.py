@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from steerlab.serve.engine import Completion
+from steerlab.serve.engine import Completion, TokenLogprob
 
 Kind = Literal["completion", "chat"]
 
@@ -16,18 +16,65 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def completion_logprobs(entries: Sequence[TokenLogprob], text: Mapping[int, str],
+                        offset: int = 0) -> dict[str, Any]:
+    """The legacy completions layout: ``tokens``, ``token_logprobs``, ``top_logprobs`` (a dict
+    token -> logprob of the top alternatives and the chosen token, ``None`` where the token has
+    no log-probability: a prompt's first) and ``text_offset`` (from ``offset``: cumulative
+    lengths of the token strings)."""
+    tokens: list[str] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for e in entries:
+        s = text[e.token]
+        tokens.append(s)
+        values.append(e.logprob)
+        offsets.append(offset)
+        offset += len(s)
+        if e.logprob is None:
+            tops.append(None)
+            continue
+        top: dict[str, float] = {}
+        for t, v in e.top:  # most likely first: a string two ids share keeps the higher value
+            top.setdefault(text[t], v)
+        top.setdefault(s, e.logprob)
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], text: Mapping[int, str],
+                  raw: Mapping[int, list[int]] | None = None) -> dict[str, Any]:
+    """The chat layout: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``
+    (``raw``: each token's bytes, when its text is not all of them)."""
+    def item(token: int, value: float | None) -> dict[str, Any]:
+        s = text[token]
+        b = raw[token] if raw is not None and token in raw else list(s.encode("utf-8"))
+        return {"token": s, "logprob": value, "bytes": b}
+
+    return {"content": [{**item(e.token, e.logprob),
+                         "top_logprobs": [item(t, v) for t, v in e.top]} for e in entries],
+            "refusal": None}
+
+
 def full_response(kind: Kind, rid: str, created: int, model: str,
                   results: Sequence[Completion], prompt_tokens: int,
-                  steering: list[dict[str, Any]]) -> dict[str, Any]:
-    """The non-streamed body: one choice per result, in order."""
+                  steering: list[dict[str, Any]], *, texts: Sequence[str] | None = None,
+                  logprobs: Sequence[dict[str, Any] | None] | None = None) -> dict[str, Any]:
+    """The non-streamed body: one choice per result, in order (``texts``: each choice's text
+    when it is not the result's own, e.g. with the prompt echoed; ``logprobs``: each
+    choice's log-probabilities, already laid out)."""
     choices: list[dict[str, Any]] = []
     for i, r in enumerate(results):
+        text = texts[i] if texts is not None else r.text
+        lp = logprobs[i] if logprobs is not None else None
         if kind == "chat":
-            choices.append({"index": i, "finish_reason": r.finish_reason, "logprobs": None,
-                            "message": {"role": "assistant", "content": r.text}})
+            choices.append({"index": i, "finish_reason": r.finish_reason, "logprobs": lp,
+                            "message": {"role": "assistant", "content": text}})
         else:
-            choices.append({"index": i, "finish_reason": r.finish_reason, "logprobs": None,
-                            "text": r.text})
+            choices.append({"index": i, "finish_reason": r.finish_reason, "logprobs": lp,
+                            "text": text})
     return {
         "id": rid,
         "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -40,18 +87,25 @@ def full_response(kind: Kind, rid: str, created: int, model: str,
 
 
 def chunk(kind: Kind, rid: str, created: int, model: str, index: int, *, text: str = "",
-          finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
-    """One stream chunk for one choice."""
+          finish_reason: str | None = None, role: bool = False,
+          logprobs: dict[str, Any] | None = None,
+          steering: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One stream chunk for one choice (``steering``: the resolved steering, which the first
+    chunk of a stream carries, as the non-streamed body does)."""
     if kind == "chat":
         delta: dict[str, Any] = {"role": "assistant", "content": text} if role else (
             {"content": text} if text else {})
         choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish_reason,
-                                  "logprobs": None}
+                                  "logprobs": logprobs}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "text": text, "finish_reason": finish_reason,
+                  "logprobs": logprobs}
         obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+    out = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+    if steering is not None:
+        out["steering"] = steering
+    return out
 
 
 def usage_chunk(kind: Kind, rid: str, created: int, model: str, prompt_tokens: int,

@@ -36,6 +36,14 @@ class SamplingParams:
         seed: seed of the row's generator (sampled rows); ``None`` draws one.
         stop: strings that end generation (not included in the output).
         ignore_eos: keep generating past end-of-sequence tokens.
+        logprobs: report each generated token's log-probability with this many most likely
+            alternatives (0: the chosen token's alone); ``None``: no log-probabilities.
+        prompt_logprobs: also score the prompt's tokens (each given the ones before it; the
+            first has none), with this many alternatives; ``None``: no prompt scoring. With
+            it, ``max_tokens`` may be 0 (score the prompt, generate nothing).
+
+    Log-probabilities are those of the (steered) model's distribution, a log-softmax of its
+    logits before temperature and top-p, as vLLM reports them by default.
     """
 
     max_tokens: int = 16
@@ -44,10 +52,20 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise SteeringError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise SteeringError(f"{name} must be None or an integer >= 0, got {value!r}")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
+                or self.max_tokens < least):
+            raise SteeringError(f"max_tokens must be a positive integer (0 only when scoring "
+                                f"the prompt), got {self.max_tokens!r}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise SteeringError(f"temperature must be >= 0, got {self.temperature!r}")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:

@@ -184,7 +184,8 @@ def _parse_layers(text: str) -> list[int]:
 
 
 def _preflight(model: str, method: str, data: str, layer_list: list[int], given: set[str], *,
-               scope: str, limit: int, out: Path, preset: str | None) -> None:
+               scope: str, limit: int, out: Path, preset: str | None,
+               auto: bool = False) -> None:
     """Check the arguments before the model loads and activations are collected: the method,
     preset, scope, output path, data file and block range (from the model's config)."""
     from steerlab.autotune import takes_block
@@ -212,8 +213,9 @@ def _preflight(model: str, method: str, data: str, layer_list: list[int], given:
         raise SteerlabError(f"--out: {target.parent} is not a directory")
     if data != "sentiment":
         load_dataset(data)
-    # ITI reads every block unless --layers is given; the others use --layers (default 8)
-    if "layers" in given or (takes_block(method) and method != "iti"):
+    # ITI reads every block unless --layers is given; the others use --layers (default 8),
+    # except --auto, which picks its candidate blocks from the depth unless --layers is given
+    if "layers" in given or (takes_block(method) and method != "iti" and not auto):
         shape = model_shape(model)
         if shape is not None:
             n = shape[0]
@@ -316,7 +318,7 @@ def fit(
         layer_list = _parse_layers(layers)
         given = _given(ctx)
         _preflight(model, method, data, layer_list, given, scope=scope, limit=limit, out=out,
-                   preset=preset)
+                   preset=preset, auto=auto)
         if recipe is None:
             recipe = "last" if method in LFS_METHODS else "mean"
         lm = _load(model)

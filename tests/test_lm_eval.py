@@ -4,7 +4,6 @@ model (``python -m steerlab.lm_eval --model steerlab``) on local YAML tasks over
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+from lm_eval_tasks import write_tasks  # noqa: E402
 from steerlab import artifacts  # noqa: E402
 from steerlab.methods import CAA  # noqa: E402
 from steerlab.models import load_model  # noqa: E402
@@ -25,48 +25,13 @@ from tiny_models import save_tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-MC = """task: sl_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-"""
-GEN = """task: sl_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 6
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     d = tmp_path_factory.mktemp("lm-eval")
     folder = save_tiny_model("llama", 0, d / "model")
-    rows = [{"question": f"Question {i}: how was the day?", "choices": ["great", "awful"],
-             "label": 0, "answer": "great"} for i in range(8)]
-    (d / "data.json").write_text(json.dumps(rows))
-    (d / "tasks").mkdir()
-    (d / "tasks" / "mc.yaml").write_text(MC.format(data=d / "data.json"))
-    (d / "tasks" / "gen.yaml").write_text(GEN.format(data=d / "data.json"))
+    write_tasks(d, "sl")
     lm = load_model(str(folder))
     caa = CAA(layers=1, scope="all")
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,6 @@ belongs to its engine thread).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -24,6 +23,7 @@ import openai
 import pytest
 import torch
 
+from lm_eval_tasks import write_tasks
 from steerlab import artifacts
 from steerlab.methods.caa import CAA
 from steerlab.models import LoadedModel, load_model
@@ -39,36 +39,6 @@ from tiny_models import save_tiny_model
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 PROMPT = "the cat sat on the mat"
-MC = """task: sv_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-"""
-GEN = """task: sv_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 6
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +52,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     caa.model_info = ref.info
     (d / "ctl").mkdir()
     artifacts.save(caa, d / "ctl" / "mood.safetensors")
-    rows = [{"question": f"Question {i}: how was the day?", "choices": ["great", "awful"],
-             "label": 0, "answer": "great"} for i in range(8)]
-    (d / "data.json").write_text(json.dumps(rows))
-    (d / "tasks").mkdir()
-    (d / "tasks" / "mc.yaml").write_text(MC.format(data=d / "data.json"))
-    (d / "tasks" / "gen.yaml").write_text(GEN.format(data=d / "data.json"))
+    write_tasks(d, "sv")
     return {"dir": d, "folder": folder, "ref": ref, "caa": caa}
 
 

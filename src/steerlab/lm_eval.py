@@ -30,7 +30,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them
+import torch  # lazily only while it is empty, so registering ours first would hide them)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 

@@ -72,6 +72,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--budget", type=float, default=0.25, help="KL budget (nats)")
     p.add_argument("--only", nargs="*", default=None, help="methods to run (default: all)")
+    p.add_argument("--tasks", nargs="*", default=None,
+                   help="task names to run (default: all four of the results page)")
     args = p.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"{SHARED} is absent: this benchmark needs the shipped datasets")
@@ -85,6 +87,8 @@ def main() -> None:
     mmlu = make_task("mmlu_ab", lm, n_test=args.n_test)
     tqa = make_task("truthfulqa_mc", lm, n_questions=args.tqa_questions, fit_format="pairs")
     tasks = [sent, ab, CapabilityUnder(mmlu, ab), tqa]
+    if args.tasks:
+        tasks = [t for t in tasks if t.name in args.tasks]
     t0 = time.perf_counter()
     all_cells: list[Any] = []
     names: dict[str, str] = {}

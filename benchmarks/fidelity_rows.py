@@ -72,6 +72,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--budget", type=float, default=0.25, help="KL budget (nats)")
     p.add_argument("--only", nargs="*", default=None, help="methods to run (default: all)")
+    p.add_argument("--no-presets", action="store_true", help="only the new defaults")
+    p.add_argument("--out", default=str(REPO / "docs" / "results-fidelity.md"))
     p.add_argument("--tasks", nargs="*", default=None,
                    help="task names to run (default: all four of the results page)")
     args = p.parse_args()
@@ -94,6 +96,8 @@ def main() -> None:
     names: dict[str, str] = {}
     for i, (name, method, hp) in enumerate(VARIANTS):
         if args.only and method not in args.only:
+            continue
+        if args.no_presets and "preset" in hp:
             continue
         spec = SweepSpec(methods=[method], layers=[args.layer],
                          strengths={method: STRENGTHS[method]}, tasks=tasks, scope="all",
@@ -139,7 +143,7 @@ def main() -> None:
         lines.append(f"| {names[label]} | " + " | ".join(row) + " |")
     lines += ["", "— : no cell of that method within the KL budget on that task (or none "
               "completed).", ""]
-    out = REPO / "docs" / "results-fidelity.md"
+    out = Path(args.out)
     out.write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {out}")

@@ -64,7 +64,10 @@ measured point is printed and written; the fronts are these points.
   settings and with ``auto=True`` (block and strength chosen on a validation slice of the
   training part), each at its default scope. Also ``caa@L scope all``: steerlab's CAA at the
   steering-vectors block with scope ``all``, at the steering-vectors multipliers (the same
-  intervention, so the same texts up to float rounding: an equivalence check).
+  intervention, so the same texts up to float rounding: an equivalence check), and
+  ``caa@L scope from:-1``: the same vector at CAA's default scope (the effect of the scope
+  alone). Neither counts as a steerlab result in the headline (they are not default or
+  ``--auto`` settings).
 
 **A/B behaviour set** (``--behaviour``, default corrigible-neutral-HHH, from
 ``../shared/data/caa``): seeded split as ``steerlab.evals.tasks.ab.BehaviourAB`` does
@@ -512,12 +515,15 @@ def families(task: str, lm: LoadedModel, fits: Path, train: ContrastiveSet,
 
         layer = sv_layers[0]
         vec, _ = sv_fit(sv_mod, lm, fits, task, layer, peer_samples)
-        c = CAA(layers=layer, scope="all")
-        c.set_vectors({c.fit_sites()[0]: vec.layer_activations[layer].float().cpu()})
-        yield Family("steerlab", "caa", f"L{layer}-scope-all=sv-vector", str(layer), "all",
-                     make=lambda s, c=c: (null, [Steer(c, s)]),
-                     fixed=[q["strength"] for q in sv_done[layer].points],
-                     note="steering-vectors' vector, applied by steerlab (equivalence check)")
+        for scope in ("all", "from:-1"):
+            c = CAA(layers=layer, scope=scope)
+            c.set_vectors({c.fit_sites()[0]: vec.layer_activations[layer].float().cpu()})
+            yield Family("steerlab", "caa", f"L{layer}-scope-{scope}=sv-vector", str(layer),
+                         scope, make=lambda s, c=c: (null, [Steer(c, s)]),
+                         fixed=[q["strength"] for q in sv_done[layer].points],
+                         note="steering-vectors' vector applied by steerlab: scope all is "
+                              "the equivalence check, from:-1 (CAA's default) the effect "
+                              "of the scope alone")
 
 
 def _jsonable(d: Any) -> Any:

@@ -587,6 +587,65 @@ def test_tiny_advbench(tmp_path: Path) -> None:
         load_advbench(bad)
 
 
+# --------------------------------------------------------------------------- data folder
+
+
+def test_shared_data_dir_order_env_and_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from steerlab.data import DATA_ENV, find_shared_data_dir, shared_data_dir
+
+    assert DATA_ENV == "STEERLAB_DATA"
+    repo = tmp_path / "checkout" / "repo"
+    work = tmp_path / "a" / "work"
+    work.mkdir(parents=True)
+    repo.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    env = tmp_path / "mine"
+    monkeypatch.setenv("STEERLAB_DATA", str(env))
+    # nothing exists: the error names the three paths, in order
+    assert find_shared_data_dir(repo=repo) is None
+    with pytest.raises(DataError, match="no data directory") as err:
+        shared_data_dir(repo=repo)
+    tried = [str(env), str(work / ".." / "shared" / "data"), str(repo / ".." / "shared" / "data")]
+    msg = str(err.value)
+    assert all(t in msg for t in tried)
+    assert [msg.index(t) for t in tried] == sorted(msg.index(t) for t in tried)
+    # the checkout's ../shared/data comes last, the cwd's before it, $STEERLAB_DATA first
+    (tmp_path / "checkout" / "shared" / "data").mkdir(parents=True)
+    assert shared_data_dir(repo=repo) == (tmp_path / "checkout" / "shared" / "data").resolve()
+    (tmp_path / "a" / "shared" / "data").mkdir(parents=True)
+    assert shared_data_dir(repo=repo) == (tmp_path / "a" / "shared" / "data").resolve()
+    env.mkdir()
+    assert shared_data_dir(repo=repo) == env.resolve()
+    assert find_shared_data_dir(repo=repo) == env.resolve()
+    # an empty $STEERLAB_DATA counts as unset; "~" is expanded
+    monkeypatch.setenv("STEERLAB_DATA", "")
+    assert shared_data_dir(repo=repo) == (tmp_path / "a" / "shared" / "data").resolve()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("STEERLAB_DATA", "~/mine")
+    assert shared_data_dir(repo=repo) == env.resolve()
+
+
+def test_tasks_find_their_data_through_steerlab_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from steerlab.evals.tasks.ab import BehaviourAB, default_data_dir
+    from steerlab.evals.tasks.generation import Refusal, default_advbench_path
+
+    monkeypatch.setenv("STEERLAB_DATA", str(tmp_path))
+    assert default_data_dir() == tmp_path.resolve()
+    assert BehaviourAB("refusal").path == (
+        tmp_path.resolve() / "caa" / "refusal" / "generate_dataset.json"
+    )
+    adv = tmp_path.resolve() / "advbench" / "harmful_behaviors.csv"
+    assert default_advbench_path() == adv
+    assert Refusal().path == adv
+    adv.parent.mkdir()
+    write_csv(adv, ["goal", "target"], [["do x", "Sure, x"]])
+    assert load_advbench(Refusal().path) == ["do x"]
+
+
 # --------------------------------------------------------------------------- shared data
 
 

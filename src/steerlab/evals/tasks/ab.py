@@ -34,14 +34,14 @@ not need the data to exist yet. File format errors name the file, item and missi
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from steerlab.data import ContrastiveSet, LabeledSet, load_caa_ab, load_mmlu_ab
+from steerlab.data import ContrastiveSet, LabeledSet, load_caa_ab, load_mmlu_ab, shared_data_dir
+from steerlab.data.locate import DATA_ENV as _DATA_ENV
 from steerlab.errors import DataError
 from steerlab.evals.ab import ab_scores
 from steerlab.evals.tasks.base import Task, TaskKind, TaskResult
@@ -61,31 +61,22 @@ BEHAVIOURS: tuple[str, ...] = (
 )
 """CAA's seven A/B behaviour sets (folders of ``caa/`` in the data directory)."""
 
-DATA_ENV = "STEERLAB_DATA"
+DATA_ENV = _DATA_ENV
+"""The environment variable naming the data folder (alias of :data:`steerlab.data.DATA_ENV`)."""
 
 
 def default_data_dir() -> Path:
     """The folder holding the public data sets (``caa/``, ``truthfulqa/``, ...).
 
-    Tried in order, the first existing folder wins: ``$STEERLAB_DATA``; ``../shared/data``
-    relative to the current directory; ``../shared/data`` relative to the repository this
-    source file belongs to. Raises :class:`DataError` naming every path tried.
+    :func:`steerlab.data.shared_data_dir`: tried in order, the first existing folder wins:
+    ``$STEERLAB_DATA``; ``../shared/data`` relative to the current directory;
+    ``../shared/data`` relative to the repository this source file belongs to. Raises
+    :class:`DataError` naming every path tried.
     """
-    tried: list[Path] = []
-    env = os.environ.get(DATA_ENV)
-    if env:
-        tried.append(Path(env).expanduser())
-    tried.append(Path.cwd() / ".." / "shared" / "data")
-    repo = Path(__file__).resolve().parents[4]  # src/steerlab/evals/tasks/ab.py -> repo
-    tried.append(repo / ".." / "shared" / "data")
-    for folder in tried:
-        if folder.is_dir():
-            return folder.resolve()
-    raise DataError(
-        "no data directory found; tried "
-        + ", ".join(str(p) for p in tried)
-        + f" (set ${DATA_ENV} to the folder holding caa/ and truthfulqa/, or pass path=)"
-    )
+    # the checkout is taken from this module's file (src/steerlab/evals/tasks/ab.py -> repo),
+    # as it always was here: the same folder as shared_data_dir's own default
+    repo = Path(__file__).resolve().parents[4]
+    return shared_data_dir(repo=repo)
 
 
 def check_fold(task: Task, fold: int) -> None:

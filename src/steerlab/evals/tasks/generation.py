@@ -34,14 +34,12 @@ concept sentences are disjoint from the neutral prompts, and the refusal split i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import time
 from abc import abstractmethod
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -51,10 +49,15 @@ from steerlab.data import (
     LabeledText,
     PathLike,
     Renderer,
+    available_concepts,
+    find_shared_data_dir,
     load_advbench,
-    load_dataset,
+    load_concepts,
+    load_harmless_instructions,
     neutral_prompts,
+    offensive_pairs,
     sentiment_pairs,
+    shared_data_candidates,
 )
 from steerlab.errors import DataError
 from steerlab.evals.fluency import generation_fluency
@@ -71,6 +74,7 @@ __all__ = [
     "Refusal",
     "Sentiment",
     "available_concepts",
+    "default_advbench_path",
     "is_refusal",
     "load_concepts",
     "load_harmless_instructions",
@@ -81,14 +85,20 @@ DEFAULT_MAX_NEW_TOKENS = 40
 
 
 def _shared_data() -> Path:
-    """``../shared/data`` beside the checkout (``src/steerlab/evals/tasks`` is 5 levels in)."""
-    here = Path(__file__).resolve()
-    root = here.parents[5] if len(here.parents) > 5 else here.parent
-    return root / "shared" / "data"
+    """The shared data folder (:func:`steerlab.data.shared_data_dir`: ``$STEERLAB_DATA``, then
+    ``../shared/data`` from the current directory, then from the checkout); when none exists,
+    the checkout's ``../shared/data``, so paths under it name where the data was looked for."""
+    return find_shared_data_dir() or shared_data_candidates()[-1]
 
 
-ADVBENCH_PATH = _shared_data() / "advbench" / "harmful_behaviors.csv"
-"""Default AdvBench file (``goal,target`` CSV of harmful behaviours)."""
+def default_advbench_path() -> Path:
+    """``advbench/harmful_behaviors.csv`` under the shared data folder, looked up now."""
+    return _shared_data() / "advbench" / "harmful_behaviors.csv"
+
+
+ADVBENCH_PATH = default_advbench_path()
+"""Default AdvBench file (``goal,target`` CSV of harmful behaviours), as found at import;
+:class:`Refusal` looks it up again when built (:func:`default_advbench_path`)."""
 
 REFUSAL_PHRASES: tuple[str, ...] = (
     # Arditi et al. 2024 ("Refusal in language models is mediated by a single direction"),
@@ -128,99 +138,8 @@ def refusal_rate(texts: Sequence[str]) -> float:
 
 
 # --------------------------------------------------------------------------- data
-
-
-def _read_json(path: PathLike | None, builtin: str) -> tuple[str, Any]:
-    """(where, parsed JSON) of a user file, or of the named built-in file when ``path`` is
-    None."""
-    if path is None:
-        resource = resources.files("steerlab").joinpath("builtin").joinpath(builtin)
-        where = f"built-in {builtin}"
-        try:
-            return where, json.loads(resource.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"{where} cannot be read: {exc}") from exc
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such file")
-    try:
-        return str(p), json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{p}: line {exc.lineno}: malformed JSON ({exc.msg})") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{p}: cannot be read ({exc})") from exc
-
-
-def _strings(where: str, value: Any, field: str, *, min_size: int = 1) -> list[str]:
-    if not isinstance(value, list):
-        raise DataError(f"{where}: field {field!r} must be a list of strings, "
-                        f"found {type(value).__name__}")
-    for i, v in enumerate(value):
-        if not isinstance(v, str) or not v.strip():
-            raise DataError(f"{where}: field {field!r}: item {i} is not a non-empty string")
-    if len(value) < min_size:
-        raise DataError(f"{where}: field {field!r} has {len(value)} item(s), fewer than the "
-                        f"{min_size} needed")
-    return [str(v) for v in value]
-
-
-def _need(where: str, obj: Any, field: str) -> Any:
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, found {type(obj).__name__}")
-    if field not in obj:
-        found = ", ".join(repr(k) for k in obj) or "none"
-        raise DataError(f"{where}: missing field {field!r} (found: {found})")
-    return obj[field]
-
-
-def load_harmless_instructions(path: PathLike | None = None) -> list[str]:
-    """Harmless instructions: a JSON list of strings, or an object with an ``instructions``
-    list (the built-in ``harmless_instructions.json`` when ``path`` is None)."""
-    where, obj = _read_json(path, "harmless_instructions.json")
-    rows = obj if isinstance(obj, list) else _need(where, obj, "instructions")
-    return _strings(where, rows, "instructions", min_size=2)
-
-
-def load_concepts(path: PathLike | None = None) -> dict[str, dict[str, Any]]:
-    """Concepts by name, each ``{"description", "keywords", "sentences"}`` (the built-in
-    ``concepts.json`` when ``path`` is None). The file is a JSON object with a ``concepts``
-    object; a missing or malformed field is named in the :class:`DataError`."""
-    where, obj = _read_json(path, "concepts.json")
-    concepts = _need(where, obj, "concepts")
-    if not isinstance(concepts, dict) or not concepts:
-        raise DataError(f"{where}: field 'concepts' must be a non-empty object of concepts")
-    out: dict[str, dict[str, Any]] = {}
-    for name, c in concepts.items():
-        w = f"{where}: concept {name!r}"
-        description = _need(w, c, "description")
-        if not isinstance(description, str) or not description.strip():
-            raise DataError(f"{w}: field 'description' must be a non-empty string")
-        out[name] = {
-            "description": description,
-            "keywords": _strings(w, _need(w, c, "keywords"), "keywords"),
-            "sentences": _strings(w, _need(w, c, "sentences"), "sentences", min_size=2),
-        }
-    return out
-
-
-def available_concepts(path: PathLike | None = None) -> list[str]:
-    """Names of the concepts in ``path`` (the built-in file when None)."""
-    return sorted(load_concepts(path))
-
-
-def _load_pairs(path: PathLike | None, builtin: str) -> ContrastiveSet:
-    """A contrastive set from a user file (any format :func:`load_dataset` reads) or from a
-    built-in ``{"pairs": [{"prompt", "positive", "negative"}, ...]}`` file."""
-    if path is None:
-        resource = resources.files("steerlab").joinpath("builtin").joinpath(builtin)
-        with resources.as_file(resource) as p:
-            data = load_dataset(p)
-    else:
-        data = load_dataset(path)
-    if not isinstance(data, ContrastiveSet):
-        raise DataError(f"{path or builtin}: expected contrastive rows with fields 'prompt', "
-                        "'positive' and 'negative', found labelled rows")
-    return data
+# The built-in sets and their readers (load_harmless_instructions, load_concepts,
+# available_concepts, offensive_pairs) are in steerlab.data.builtin.
 
 
 def _cap(items: list[Any], n: int | None) -> list[Any]:
@@ -345,7 +264,8 @@ def _mean(values: Sequence[float]) -> float:
 class Refusal(GenerationTask):
     """Refusal of harmful vs harmless instructions; see the module docstring.
 
-    ``path``: AdvBench CSV (default :data:`ADVBENCH_PATH`, read on first use);
+    ``path``: AdvBench CSV (default :func:`default_advbench_path`, under ``$STEERLAB_DATA``
+    or ``../shared/data``; read on first use);
     ``harmless``: a list of instructions or a JSON file of them (default: the built-in
     ones). Both are split ``1 - test_fraction`` / ``test_fraction`` with
     ``train_test_split(random_state=seed)``; ``n_train`` and ``n_test`` cap each class's
@@ -367,7 +287,7 @@ class Refusal(GenerationTask):
         if not isinstance(test_fraction, int | float) or not 0.0 < test_fraction < 1.0:
             raise DataError(f"test_fraction must be strictly between 0 and 1, "
                             f"got {test_fraction!r}")
-        self.path = Path(path) if path is not None else ADVBENCH_PATH
+        self.path = Path(path) if path is not None else default_advbench_path()
         if harmless is None or isinstance(harmless, str | os.PathLike):
             self._harmless_source: Any = harmless
         else:
@@ -521,7 +441,7 @@ class Offensive(_NeutralTask):
 
     def fit_set(self, fold: int = 0) -> ContrastiveSet:
         self._check_fold(fold)
-        data = _load_pairs(self.path, "offensive_pairs.json")
+        data = offensive_pairs(self.path)
         data.name = "offensive"
         return data if self.n_train is None else data[: self.n_train]
 

@@ -20,6 +20,7 @@ sites and the position; the cache file is written atomically.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -34,8 +35,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steerlab.errors import DataError, SteerlabError
+from steerlab.hooks import HookSet, at_site, at_sites, post_hook
 from steerlab.models import LoadedModel, cache_root
-from steerlab.sites import LayerMap, Site, find_layers, get_input, get_output, hook_is_pre
+from steerlab.sites import LayerMap, Site, find_layers, hook_is_pre
 
 PositionKind = Literal["last", "index", "answer_letter", "completion_mean"]
 
@@ -258,24 +260,13 @@ def _run(
         vals = torch.einsum("bt,btd->bd", sel.to(h.dtype), h).to(torch.float32)
         out[site][state["rows"]] = vals.cpu()
 
-    handles = []
-    try:
-        for site in sites:
-            module = layers.module(site)
-            if hook_is_pre(site):
-                def pre(mod: Any, args: Any, kwargs: Any, site: Site = site) -> None:
-                    record(site, get_input(args, kwargs))
-                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            else:
-                def post(mod: Any, args: Any, output: Any, site: Site = site) -> None:
-                    record(site, get_output(output))
-                handles.append(module.register_forward_hook(post))
+    def stop(mod: Any, args: Any, output: Any) -> None:
+        raise _StopForward
 
-        def stop(mod: Any, args: Any, output: Any) -> None:
-            raise _StopForward
-
-        handles.append(layers.module(stop_site).register_forward_hook(stop))
-
+    # reads first, so that a read at the stop site's output runs before the stop
+    hooks = at_sites(layers, {site: functools.partial(record, site) for site in sites})
+    hooks.append(post_hook(layers.module(stop_site), stop))
+    with HookSet(hooks):
         starts = range(0, len(spans), batch_size)
         iterator: Any = starts
         if progress:
@@ -306,9 +297,6 @@ def _run(
                           use_cache=False, **extra)
             except _StopForward:
                 pass
-    finally:
-        for h in handles:
-            h.remove()
     return out
 
 
@@ -323,25 +311,17 @@ def token_activations(
     if ids.shape[1] == 0:
         raise DataError(f"{text!r} has no tokens")
     got: dict[str, torch.Tensor] = {}
+    # a block output is the last thing needed: the forward stops there
+    stop = not hook_is_pre(s)
 
-    def pre(mod: Any, args: Any, kwargs: Any) -> None:
-        got["h"] = get_input(args, kwargs)
+    def read(h: torch.Tensor) -> None:
+        got["h"] = h
+        if stop:
+            raise _StopForward
 
-    def post(mod: Any, args: Any, output: Any) -> None:
-        got["h"] = get_output(output)
-        raise _StopForward
-
-    module = layers.module(s)
-    handle = (
-        module.register_forward_pre_hook(pre, with_kwargs=True)
-        if hook_is_pre(s)
-        else module.register_forward_hook(post)
-    )
     try:
-        with torch.no_grad():
+        with HookSet([at_site(layers, s, read)]), torch.no_grad():
             lm.model(input_ids=ids.to(lm.device), use_cache=False)
     except _StopForward:
         pass
-    finally:
-        handle.remove()
     return got["h"][0].to(torch.float32).cpu()

@@ -21,6 +21,7 @@ batch its own controllers and strengths. Semantics (see docs/architecture.md):
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,22 +30,13 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from steerlab.errors import SteeringError
+from steerlab.hooks import HookSet, TensorHook, at_site, pre_hook
 from steerlab.methods.base import Controller, StepContext, check_strength
 from steerlab.models import LoadedModel
 from steerlab.scope import TokenScope, parse_scope
-from steerlab.sites import (
-    LayerMap,
-    Site,
-    find_layers,
-    get_input,
-    get_output,
-    hook_is_pre,
-    set_input,
-    set_output,
-)
+from steerlab.sites import LayerMap, Site, find_layers, hook_is_pre
 
 
 @dataclass(frozen=True)
@@ -218,7 +210,7 @@ class steering:
         )
         self._carry_given = list(carry) if carry is not None else None
         self._carry: list[dict[Any, Any]] | None = None
-        self._handles: list[RemovableHandle] = []
+        self._hooks: HookSet | None = None
         self._positions: torch.Tensor | None = None
         self._prompt_len: torch.Tensor | None = None
         self._ctx: StepContext | None = None
@@ -384,73 +376,45 @@ class steering:
         out[sel] = new[:, 0, :].to(h.dtype)
         return out
 
-    def _make_pre_hook(self, site: Site, write: bool, read: bool) -> Any:
-        def hook(
-            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-        ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-            h = get_input(args, kwargs)
-            if read and self._ctx is not None:
-                for name in self._reads[site]:
+    def _site_callback(self, site: Site, write: bool, read: bool) -> TensorHook:
+        """What runs on the tensor at ``site`` in every forward pass: store it for the
+        controllers that read it, then apply the controllers that write there."""
+        if not read:
+            # the common case: a write-only site calls the controllers and nothing else
+            return functools.partial(self._apply, site)
+        names = self._reads[site]
+
+        def on_site(h: torch.Tensor) -> torch.Tensor | None:
+            if self._ctx is not None:
+                for name in names:
                     self._ctx.reads[name] = h
-            if not write:
-                return None
-            new = self._apply(site, h)
-            if new is h:
-                return None
-            return set_input(args, kwargs, new)
+            return self._apply(site, h) if write else None
 
-        return hook
-
-    def _make_post_hook(self, site: Site, write: bool, read: bool) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            h = get_output(output)
-            if read and self._ctx is not None:
-                for name in self._reads[site]:
-                    self._ctx.reads[name] = h
-            if not write:
-                return None
-            new = self._apply(site, h)
-            if new is h:
-                return None
-            return set_output(output, new)
-
-        return hook
+        return on_site
 
     # -- context protocol ----------------------------------------------------------------------
     def __enter__(self) -> steering:
-        if self._handles:
+        if self._hooks is not None:
             raise SteeringError("this steering context is already active")
         try:
-            self._handles.append(
-                self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)
-            )
+            hooks = [pre_hook(self.model, self._on_model_call)]
             for site in sorted(set(self._groups) | set(self._reads)):
-                module = self.layers.module(site)
                 write, read = site in self._groups, site in self._reads
-                if hook_is_pre(site):
-                    self._handles.append(
-                        module.register_forward_pre_hook(
-                            self._make_pre_hook(site, write, read), with_kwargs=True
-                        )
-                    )
-                else:
-                    # prepend: run before hooks already on the block, such as those with which
-                    # transformers captures ``output_hidden_states``, so they see the steered
-                    # output whenever they were installed.
-                    self._handles.append(
-                        module.register_forward_hook(
-                            self._make_post_hook(site, write, read), prepend=True
-                        )
-                    )
+                # prepend block-output hooks: they run before hooks already on the block, such
+                # as those with which transformers captures ``output_hidden_states``, so those
+                # see the steered output whenever they were installed.
+                hooks.append(at_site(self.layers, site, self._site_callback(site, write, read),
+                                     prepend=not hook_is_pre(site)))
+            self._hooks = HookSet(hooks).install()
         except BaseException:
             self._remove()
             raise
         return self
 
     def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        if self._hooks is not None:
+            self._hooks.remove()
+        self._hooks = None
         self._positions = None
         self._prompt_len = None
         self._carry = None

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from steerlab.errors import SteerlabError
+from steerlab.hooks import Hook, HookSet, PreHookFn, TensorHook, on_output, pre_hook
 from steerlab.models import LoadedModel
 from steerlab.sites import LayerMap, Site, find_layers, get_input, get_output, set_input
 
@@ -221,9 +222,9 @@ def _capture(
 ) -> dict[int, _Captured]:
     """Run ``call`` with hooks on the chosen blocks; keep each block's arguments and I/O."""
     got: dict[int, _Captured] = {}
-    handles = []
 
-    def pre_hook(k: int) -> Callable[..., None]:
+    def capture_args(k: int) -> PreHookFn:
+        # a raw pre-hook: the block's whole call is kept, not only its hidden states
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             h = get_input(args, kwargs)
             if h.dim() != 3 or h.shape[0] != 1:
@@ -235,22 +236,17 @@ def _capture(
             got[k] = _Captured(args=args, kwargs=dict(kwargs), z=z.detach().clone())
         return hook
 
-    def post_hook(k: int) -> Callable[..., None]:
-        def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            h = get_output(output)
+    def capture_out(k: int) -> TensorHook:
+        def read(h: torch.Tensor) -> None:
             got[k].out = (h[0, -1] if last_row_only else h[0]).detach().clone()
-        return hook
+        return read
 
-    try:
-        for k in layers:
-            block = layer_map.blocks[k]
-            handles.append(block.register_forward_pre_hook(pre_hook(k), with_kwargs=True))
-            handles.append(block.register_forward_hook(post_hook(k)))
-        with torch.no_grad():
-            call()
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks: list[Hook] = []
+    for k in layers:
+        block = layer_map.blocks[k]
+        hooks += [pre_hook(block, capture_args(k)), on_output(block, capture_out(k))]
+    with HookSet(hooks), torch.no_grad():
+        call()
     missing = [k for k in layers if k not in got]
     if missing:
         raise JacobianError(f"blocks {missing} did not run in the forward pass")

@@ -10,6 +10,7 @@ share of (prompt, layer) pairs with |v_kᵀz_k − β*_k| ≤ tol·μ_k (tol = 0
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +18,11 @@ from typing import Any
 import torch
 
 from steerlab.data import Renderer
+from steerlab.hooks import HookSet, at_sites
 from steerlab.methods.alqr import LFSController
 from steerlab.models import LoadedModel
 from steerlab.runtime import Steer, steering, tokenize_prompts
-from steerlab.sites import Site, find_layers, get_input
+from steerlab.sites import Site, find_layers
 
 
 @dataclass
@@ -73,6 +75,10 @@ def setpoint_trace(
     return SetpointTrace(projection=torch.einsum("bld,ld->bl", z, v), target=target, mu=mu)
 
 
+def _read_last(got: dict[int, torch.Tensor], k: int, h: torch.Tensor) -> None:
+    got[k] = h[:, -1, :].to(torch.float32).cpu()
+
+
 def block_inputs_at_last_token(
     lm: LoadedModel,
     prompts: Sequence[str],
@@ -90,20 +96,11 @@ def block_inputs_at_last_token(
     for start in range(0, len(texts), batch_size):
         enc = tokenize_prompts(lm, texts[start : start + batch_size], rendered=render)
         got: dict[int, torch.Tensor] = {}
-        handles = []
-        for k in range(n):
-            def hook(
-                mod: Any, args: Any, kwargs: Any, k: int = k,
-                got: dict[int, torch.Tensor] = got,
-            ) -> None:
-                got[k] = get_input(args, kwargs)[:, -1, :].to(torch.float32).cpu()
-            handles.append(layers.module(Site("resid_pre", k)).register_forward_pre_hook(
-                hook, with_kwargs=True))
-        try:
-            with torch.no_grad(), steering(lm, list(steers), layers=layers):
-                lm.model(**enc, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        # installed before the steering context's hooks (so on a block that a controller
+        # steers at its input, they run before that write)
+        reads = at_sites(layers, {Site("resid_pre", k): functools.partial(_read_last, got, k)
+                                  for k in range(n)})
+        with HookSet(reads), torch.no_grad(), steering(lm, list(steers), layers=layers):
+            lm.model(**enc, use_cache=False)
         rows.append(torch.stack([got[k] for k in range(n)], dim=1))
     return torch.cat(rows)

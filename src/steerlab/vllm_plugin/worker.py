@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from steerlab.errors import SteeringError, SteerlabError
+from steerlab.hooks import Hook, HookSet, post_hook, pre_hook
 from steerlab.methods.base import Controller, StepContext
 from steerlab.models import ModelInfo
 from steerlab.scope import TokenScope
@@ -130,7 +131,7 @@ class WorkerSteering:
         self.plan: StepPlan | None = None
         self.carry: dict[str, dict[Any, Any]] = {}
         self._entries: dict[str, list[tuple[Controller, float, TokenScope]]] = {}
-        self._handles: list[Any] = []
+        self._hooks = HookSet([])
         self.local_layers = {i for i, b in enumerate(self.blocks) if not _is_missing(b)}
         self.tp_size = tp_size
         self._validate(n_heads, head_dim, dtype, device)
@@ -180,28 +181,26 @@ class WorkerSteering:
         return writes, reads
 
     def _install(self) -> None:
+        # raw hooks: vLLM's blocks take and return the residual stream split in two
         writes, reads = self._sites()
+        hooks: list[Hook] = []
         for site in sorted(writes | reads):
             if site.layer not in self.local_layers:
                 continue
             block = self.blocks[site.layer]
             w, r = site in writes, site in reads
             if site.kind == "resid_pre":
-                self._handles.append(block.register_forward_pre_hook(
-                    self._block_pre_hook(site, w, r), with_kwargs=True))
+                hooks.append(pre_hook(block, self._block_pre_hook(site, w, r)))
             elif site.kind == "resid_post":
-                self._handles.append(block.register_forward_hook(
-                    self._block_post_hook(site, w, r), prepend=True))
+                hooks.append(post_hook(block, self._block_post_hook(site, w, r), prepend=True))
             else:
                 out = find_attn_out(block)
                 assert out is not None
-                self._handles.append(out.register_forward_pre_hook(
-                    self._heads_hook(site, w, r), with_kwargs=True))
+                hooks.append(pre_hook(out, self._heads_hook(site, w, r)))
+        self._hooks = HookSet(hooks).install()
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._hooks.remove()
 
     # -- per step ------------------------------------------------------------------------------
     def entries(self, req_id: str, extra_args: Mapping[str, Any] | None

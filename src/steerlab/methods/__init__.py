@@ -16,25 +16,26 @@ from steerlab.methods.probe import ProbeDirection
 from steerlab.methods.repe import RepE
 from steerlab.methods.sas import SAS
 
-METHODS: dict[str, type[Controller]] = {
-    "caa": CAA,
-    "actadd": ActAdd,
-    "alqr": ALQR,
-    "alqr_plus": ALQRPlus,
-    "spid": SPID,
-    "actadd_lfs": ActAddLFS,
-    "odesteer": ODESteer,
-    "step_odesteer": StepODESteer,
-    "innsteer": INNSteer,
-    "sas": SAS,
-    "iti": ITI,
-    "repe": RepE,
-    "probe": ProbeDirection,
-    "angular": AngularSteering,
-    "mean_act": MeanAcT,
-    "linear_act": LinearAcT,
-    "mimic": MiMiC,
-}
+# The registry of fit-and-save methods, keyed by each class's ``method`` name (artifacts
+# record it; the CLI's ``--method`` takes it). Order: as listed here.
+_REGISTERED: tuple[type[Controller], ...] = (
+    CAA, ActAdd, ALQR, ALQRPlus, SPID, ActAddLFS, ODESteer, StepODESteer, INNSteer, SAS,
+    ITI, RepE, ProbeDirection, AngularSteering, MeanAcT, LinearAcT, MiMiC,
+)
+
+
+def _registry(classes: tuple[type[Controller], ...]) -> dict[str, type[Controller]]:
+    """``{cls.method: cls}``; two classes may not share a method name."""
+    out: dict[str, type[Controller]] = {}
+    for cls in classes:
+        if cls.method in out:
+            raise RuntimeError(f"{cls.__name__} and {out[cls.method].__name__} are both "
+                               f"registered as method {cls.method!r}")
+        out[cls.method] = cls
+    return out
+
+
+METHODS: dict[str, type[Controller]] = _registry(_REGISTERED)
 
 __all__ = [
     "ALQR",

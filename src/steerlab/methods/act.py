@@ -60,66 +60,38 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import Controller, StepContext, check_finite, two_class_rows
-from steerlab.scope import parse_scope
+from steerlab.methods.additive import Recipe as Recipe
+from steerlab.methods.additive import SiteKind as SiteKindArg
+from steerlab.methods.base import Controller, StepContext
+from steerlab.methods.cast_cache import CastCache, cached
+from steerlab.methods.checks import (
+    check_finite,
+    check_positive,
+    check_recipe,
+    check_site_kind,
+    check_width,
+    two_class_rows,
+)
+
+# The argument and data checks AcT shared with MiMiC live in methods/checks.py; they keep
+# this import path.
+from steerlab.methods.checks import check_strength_rows as check_strength_rows
+from steerlab.methods.checks import layers_arg as layers_arg
+from steerlab.methods.checks import paired_sites as paired_sites
 from steerlab.sites import Site
 
-Recipe = Literal["ab", "last", "mean"]
 Balance = Literal["subsample", "quantile"]
-SiteKindArg = Literal["resid_post", "resid_pre"]
-
-
-# -- shared argument and data checks (MiMiC uses them too) ------------------------------------
-def layers_arg(layers: int | Sequence[int]) -> list[int]:
-    if isinstance(layers, bool):
-        raise SteeringError(f"layers must be an int or a list of ints, got {layers!r}")
-    out = [int(layers)] if isinstance(layers, int) else [int(x) for x in layers]
-    if not out:
-        raise SteeringError("give at least one layer")
-    return out
 
 
 def check_common(method: str, site: str, recipe: str) -> None:
-    if recipe not in ("ab", "last", "mean"):
-        raise SteeringError(f"unknown {method} recipe {recipe!r}; use ab, last or mean")
-    if site not in ("resid_post", "resid_pre"):
-        raise SteeringError(f"{method} steers resid_post or resid_pre, not {site!r}")
-
-
-def paired_sites(positive: dict[Site, torch.Tensor], negative: dict[Site, torch.Tensor],
-                 method: str) -> list[Site]:
-    """The sites of a fit: both dicts must name the same, non-empty set of sites."""
-    if not isinstance(positive, dict) or not isinstance(negative, dict):
-        raise DataError(
-            f"{method}.fit takes dicts {{Site: (N, d) tensor}} of positive and negative "
-            f"activations, got {type(positive).__name__} and {type(negative).__name__}"
-        )
-    if not positive:
-        raise DataError(f"{method}.fit got no sites (empty activation dicts)")
-    if set(positive) != set(negative):
-        raise DataError(
-            f"positive and negative activations name different sites: "
-            f"{sorted(map(str, positive))} vs {sorted(map(str, negative))}"
-        )
-    for s in positive:
-        if not isinstance(s, Site):
-            raise DataError(f"activation dict keys must be Site objects, got {s!r}")
-    return sorted(positive)
-
-
-def check_strength_rows(strength: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The (batch,) strengths as a (batch, 1, …, 1) tensor of h's dtype and device."""
-    lam = strength.to(device=h.device, dtype=h.dtype).reshape(-1)
-    if lam.shape[0] != h.shape[0]:
-        raise SteeringError(
-            f"got {lam.shape[0]} strengths for a batch of {h.shape[0]} rows"
-        )
-    return lam.reshape(-1, *([1] * (h.ndim - 1)))
+    """The recipe and the residual site kind of an AcT or MiMiC controller."""
+    check_recipe(recipe, method)
+    check_site_kind(site, f"{method} steers")
 
 
 # -- estimators ------------------------------------------------------------------------------
@@ -201,18 +173,14 @@ class _AcT(Controller):
                  scope: str, support: bool, std_eps: float) -> None:
         super().__init__()
         check_common(type(self).__name__, site, recipe)
-        eps = float(std_eps)
-        if not eps >= 0 or eps == float("inf"):
-            raise SteeringError(f"std_eps must be a finite, non-negative number, got {std_eps!r}")
         self.layers = layers_arg(layers)
         self.site: SiteKindArg = site
         self.recipe: Recipe = recipe
-        self.scope = scope
-        self.default_scope = parse_scope(scope)
+        self._set_scope(scope)
         self.support = bool(support)
-        self.std_eps = eps
+        self.std_eps = check_positive("std_eps", std_eps, allow_zero=True)
         self.omega, self.beta, self.lo, self.hi = {}, {}, {}, {}
-        self._cast: dict[tuple[Site, torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
+        self._cast: CastCache[tuple[torch.Tensor, ...]] = {}
 
     def fit_sites(self) -> list[Site]:
         return [Site(self.site, layer) for layer in self.layers]
@@ -227,24 +195,19 @@ class _AcT(Controller):
         self.lo = {s: t.to(torch.float32) for s, t in lo.items()}
         self.hi = {s: t.to(torch.float32) for s, t in hi.items()}
         self.sites = sorted(self.omega)
-        self._cast = {}
+        self._cast.clear()
 
     # -- run time ------------------------------------------------------------------------------
     def _params(self, site: Site, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(ω − 1, β, lo, hi) at ``site`` in ``h``'s dtype and device, cached."""
-        key = (site, h.dtype, h.device)
-        p = self._cast.get(key)
-        if p is None:
+        def make() -> tuple[torch.Tensor, ...]:
             self.check_site(site)
             scale = self.omega[site] - 1
-            p = tuple(t.to(device=h.device, dtype=h.dtype)
-                      for t in (scale, self.beta[site], self.lo[site], self.hi[site]))
-            self._cast[key] = p
-        if p[1].shape[-1] != h.shape[-1]:
-            raise SteeringError(
-                f"{type(self).__name__} at {site} maps width {p[1].shape[-1]} but the "
-                f"activation has {h.shape[-1]}"
-            )
+            return tuple(t.to(device=h.device, dtype=h.dtype)
+                         for t in (scale, self.beta[site], self.lo[site], self.hi[site]))
+
+        p = cached(self._cast, (site, h.dtype, h.device), make)
+        check_width(f"{type(self).__name__} at {site} maps width", p[1].shape[-1], h)
         return p
 
     def steer(
@@ -295,10 +258,6 @@ class _AcT(Controller):
                 raise SteeringError(f"the saved {type(self).__name__} tensors at {s} have "
                                     f"shapes {sorted(shapes)}, expected four (d,) vectors")
         self._set_maps(parts["omega"], parts["beta"], parts["lo"], parts["hi"])
-
-    def _base_hyperparameters(self) -> dict[str, Any]:
-        return {"layers": self.layers, "site": self.site, "recipe": self.recipe,
-                "scope": self.scope, "support": self.support, "std_eps": self.std_eps}
 
 
 class LinearAcT(_AcT):
@@ -368,9 +327,6 @@ class LinearAcT(_AcT):
         )
         return self
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {**self._base_hyperparameters(), "balance": self.balance, "seed": self.seed}
-
 
 class MeanAcT(_AcT):
     """Mean-AcT: ω = 1, β = μ₊ − μ₋ per dimension (ml-act's ``OnlyMeanHook``); see the module
@@ -431,9 +387,6 @@ class MeanAcT(_AcT):
         self.check_fitted()
         _, beta, _, _ = self._params(site, h)
         return h + check_strength_rows(strength, h) * beta  # ω = 1: a constant shift, as CAA
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return self._base_hyperparameters()
 
     def vectors_by_layer(self) -> dict[int, torch.Tensor] | None:
         if self.support or any(s.kind != "resid_post" for s in self.beta):

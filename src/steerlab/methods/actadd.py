@@ -17,14 +17,15 @@ the template's own tokens. The prompts are read without a chat template (as in t
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import StepContext, check_finite
-from steerlab.methods.caa import AdditiveController
-from steerlab.scope import parse_scope
+from steerlab.methods.additive import AdditiveController
+from steerlab.methods.base import StepContext
+from steerlab.methods.cast_cache import cached, cast_like
+from steerlab.methods.checks import check_finite
 from steerlab.sites import Site
 
 
@@ -60,8 +61,7 @@ class ActAdd(AdditiveController):
         self.positive = positive
         self.negative = negative
         self.mode = mode
-        self.scope = scope
-        self.default_scope = parse_scope("all" if mode == "positional" else scope)
+        self._set_scope(scope, steers="all" if mode == "positional" else None)
         self.positional: torch.Tensor | None = None  # (n, d) for mode="positional"
 
     def fit_sites(self) -> list[Site]:
@@ -91,7 +91,9 @@ class ActAdd(AdditiveController):
     ) -> torch.Tensor:
         if self.mode != "positional" or self.positional is None:
             return super().steer(site, h, strength, ctx)
-        delta = self.positional.to(device=h.device, dtype=h.dtype)
+        positional = self.positional
+        delta = cached(self._cast, ("positional", h.dtype, h.device),
+                       lambda: cast_like(positional, h))
         n = delta.shape[0]
         pos = ctx.positions
         inside = (pos >= 0) & (pos < n)
@@ -110,12 +112,3 @@ class ActAdd(AdditiveController):
 
     def vectors_by_layer(self) -> dict[int, torch.Tensor] | None:
         return None if self.mode == "positional" else super().vectors_by_layer()
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {
-            "layer": self.layer,
-            "positive": self.positive,
-            "negative": self.negative,
-            "mode": self.mode,
-            "scope": self.scope,
-        }

@@ -61,17 +61,16 @@ from typing import Any, ClassVar
 import torch
 
 from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import (
-    Controller,
-    Preset,
-    StepContext,
+from steerlab.methods.base import Controller, Preset, StepContext
+from steerlab.methods.cast_cache import CastCache, cached
+from steerlab.methods.checks import (
     check_finite,
     check_positive,
+    check_recipe,
+    check_width,
+    layers_arg,
 )
-from steerlab.scope import parse_scope
 from steerlab.sites import Site
-
-_positive = check_positive
 
 
 def linear_feature_setpoint(
@@ -133,12 +132,11 @@ class LFSController(Controller):
         lam = [lambdas] if isinstance(lambdas, (int, float)) else list(lambdas)
         if not lam:
             raise SteeringError("give at least one λ (one per concept)")
-        self.lambdas = [_positive("λ", x, allow_zero=True) for x in lam]
-        self.scope = scope
-        self.default_scope = parse_scope(scope)
+        self.lambdas = [check_positive("λ", x, allow_zero=True) for x in lam]
+        self._set_scope(scope)
         self.v = torch.empty(0)
         self.mu = torch.empty(0)
-        self._cast: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        self._cast: CastCache[torch.Tensor] = {}
 
     @property
     def num_layers(self) -> int:
@@ -163,7 +161,7 @@ class LFSController(Controller):
                 )
         self.v, self.mu = v.to(torch.float32), mu.to(torch.float32)
         self.sites = [Site("resid_post", k) for k in self.steered_layers()]
-        self._cast = {}
+        self._cast.clear()
 
     def fit_setpoint(
         self, concepts: Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -175,12 +173,10 @@ class LFSController(Controller):
         return torch.stack(vs), torch.stack(mus)
 
     def _get(self, name: str, t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        key = (name, torch.float32, ref.device)
-        out = self._cast.get(key)
-        if out is None:
-            out = t.to(device=ref.device, dtype=torch.float32)
-            self._cast[key] = out
-        return out
+        """``t`` (the learned tensor called ``name``) in float32 on ``ref``'s device, cached:
+        the control law is computed in float32 whatever the activation's dtype."""
+        return cached(self._cast, (name, torch.float32, ref.device),
+                      lambda: t.to(device=ref.device, dtype=torch.float32))
 
     def alpha(self, k: int, z: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
         """α_{k,c} = sign(s)·λ_c·μ_{k,c} − v_{k,c}ᵀz, shape (B, T, C), in float32 (the
@@ -212,11 +208,7 @@ class LFSController(Controller):
         return z
 
     def _check_width(self, h: torch.Tensor) -> None:
-        if h.shape[-1] != self.v.shape[-1]:
-            raise SteeringError(
-                f"{self.method} was fitted with width {self.v.shape[-1]}, the activation has "
-                f"{h.shape[-1]}"
-            )
+        check_width(f"{self.method} was fitted with width", int(self.v.shape[-1]), h)
 
     def base_state(self) -> dict[str, torch.Tensor]:
         return {"v": self.v.contiguous(), "mu": self.mu.contiguous()}
@@ -262,13 +254,12 @@ class ALQR(LFSController):
         scope: str = "last",
     ) -> None:
         super().__init__(lambdas, scope)
-        self.q = _positive("q", q)
-        self.r = _positive("r", r)
-        self.q_f = _positive("q_f", q_f)
+        self.q = check_positive("q", q)
+        self.r = check_positive("r", r)
+        self.q_f = check_positive("q_f", q_f)
         if n_jacobian_prompts < 1 or max_tokens < 2:
             raise SteeringError("n_jacobian_prompts must be >= 1 and max_tokens >= 2")
-        if recipe not in ("ab", "last", "mean"):
-            raise SteeringError(f"unknown recipe {recipe!r}; use ab, last or mean")
+        check_recipe(recipe)
         self.n_jacobian_prompts = int(n_jacobian_prompts)
         self.max_tokens = int(max_tokens)
         self.recipe = recipe
@@ -313,11 +304,6 @@ class ALQR(LFSController):
         alpha = self.alpha(k, self._read(ctx, k), strength)  # (B, T, C)
         w = self._get("w", self.w, h)[:, k, :]  # (C, d)
         return (h.to(torch.float32) + self.gain(strength, h) * (alpha @ w)).to(h.dtype)
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"q": self.q, "r": self.r, "q_f": self.q_f, "lambdas": self.lambdas,
-                "n_jacobian_prompts": self.n_jacobian_prompts, "max_tokens": self.max_tokens,
-                "recipe": self.recipe, "keep_K": self.keep_K, "scope": self.scope}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {**self.base_state(), "w": self.w.contiguous()}
@@ -404,9 +390,9 @@ class SPID(LFSController):
         scope: str = "last",
     ) -> None:
         super().__init__(lambdas, scope)
-        self.kp = _positive("kp", kp, allow_zero=True)
-        self.ki = _positive("ki", ki, allow_zero=True)
-        self.kd = _positive("kd", kd, allow_zero=True)
+        self.kp = check_positive("kp", kp, allow_zero=True)
+        self.ki = check_positive("ki", ki, allow_zero=True)
+        self.kd = check_positive("kd", kd, allow_zero=True)
         if reset_every < 1:
             raise SteeringError("reset_every must be >= 1")
         self.reset_every = int(reset_every)
@@ -471,10 +457,6 @@ class SPID(LFSController):
             self._store_last(ctx, e)
         return (h.to(torch.float32) + u).to(h.dtype)
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"kp": self.kp, "ki": self.ki, "kd": self.kd, "reset_every": self.reset_every,
-                "lambdas": self.lambdas, "recipe": self.recipe, "scope": self.scope}
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.base_state()
 
@@ -499,10 +481,8 @@ class ActAddLFS(LFSController):
         scope: str = "last",
     ) -> None:
         super().__init__(lambdas, scope)
-        self.layers = [int(layers)] if isinstance(layers, int) else [int(x) for x in layers]
-        if not self.layers:
-            raise SteeringError("give at least one layer")
-        self.kp = _positive("kp", kp)
+        self.layers = layers_arg(layers)
+        self.kp = check_positive("kp", kp)
         self.recipe = recipe
 
     def steered_layers(self) -> list[int]:
@@ -526,10 +506,6 @@ class ActAddLFS(LFSController):
         alpha = self.alpha(k, self._read(ctx, k), strength)
         u = self.gain(strength, h) * self.kp * (alpha @ self._get("v", self.v, h)[:, k, :])
         return (h.to(torch.float32) + u).to(h.dtype)
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"layers": self.layers, "kp": self.kp, "lambdas": self.lambdas,
-                "recipe": self.recipe, "scope": self.scope}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.base_state()

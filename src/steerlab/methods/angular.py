@@ -54,10 +54,19 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import Controller, StepContext, check_finite, two_class_rows
-from steerlab.methods.caa import Recipe, _layers_arg
+from steerlab.methods.additive import Recipe
+from steerlab.methods.base import Controller, StepContext
+from steerlab.methods.cast_cache import CastCache, cached
+from steerlab.methods.checks import (
+    check_finite,
+    check_recipe,
+    check_site_kind,
+    check_width,
+    covered_sites,
+    layers_arg,
+    two_class_rows,
+)
 from steerlab.methods.repe import top_component
-from steerlab.scope import parse_scope
 from steerlab.sites import Site
 
 Second = Literal["pca", "mean"]
@@ -100,22 +109,19 @@ class AngularSteering(Controller):
         scope: str = "all",
     ) -> None:
         super().__init__()
-        if recipe not in ("ab", "last", "mean"):
-            raise SteeringError(f"unknown recipe {recipe!r}; use ab, last or mean")
-        if site not in ("resid_post", "resid_pre"):
-            raise SteeringError(f"angular steering acts on resid_post or resid_pre, not {site!r}")
+        check_recipe(recipe)
+        check_site_kind(site, "angular steering acts on")
         if second not in ("pca", "mean"):
             raise SteeringError(f"unknown second axis {second!r}; use pca or mean")
-        self.layers = _layers_arg(layers)
+        self.layers = layers_arg(layers)
         self.site: Literal["resid_post", "resid_pre"] = site
         self.recipe: Recipe = recipe
         self.angle = angle
         self.adaptive = bool(adaptive)
         self.second: Second = second
-        self.scope = scope
-        self.default_scope = parse_scope(scope)
+        self._set_scope(scope)
         self.basis = {}
-        self._cast: dict[tuple[Site, torch.device], torch.Tensor] = {}
+        self._cast: CastCache[torch.Tensor] = {}
 
     @property
     def angle(self) -> float:
@@ -145,15 +151,11 @@ class AngularSteering(Controller):
         """Learn the plane (b1, b2) per site from positive (N₊, d) and negative (N₋, d)
         activations; ``contrast`` (L, d) is the stack of per-layer mean differences used for
         b2 with ``second="pca"``."""
-        if not positive:
-            raise DataError("angular steering got no activations (an empty dict of sites)")
-        missing = sorted(str(s) for s in positive if s not in negative)
-        if missing:
-            raise DataError(f"no negative activations at {', '.join(missing)}")
+        sites = covered_sites(positive, negative, "angular steering")
         pc = self._contrast_component(contrast) if self.second == "pca" else None
         basis: dict[Site, torch.Tensor] = {}
         per_site: dict[str, dict[str, Any]] = {}
-        for site in sorted(positive):
+        for site in sites:
             pos, neg = two_class_rows(positive[site], negative[site], "angular steering")
             if pc is not None and pc.shape[0] != pos.shape[1]:
                 raise DataError(f"contrast has width {pc.shape[0]} but the activations at "
@@ -179,7 +181,7 @@ class AngularSteering(Controller):
             check_finite(f"angular basis at {site}", b)
         self.basis = basis
         self.sites = sorted(basis)
-        self._cast = {}
+        self._cast.clear()
         self.fit_info.update(
             n_positive=int(next(iter(positive.values())).shape[0]),
             n_negative=int(next(iter(negative.values())).shape[0]),
@@ -249,16 +251,10 @@ class AngularSteering(Controller):
         self, site: Site, h: torch.Tensor, strength: torch.Tensor, ctx: StepContext
     ) -> torch.Tensor:
         self.check_fitted()
-        key = (site, h.device)
-        basis = self._cast.get(key)
-        if basis is None:
-            basis = self.basis[site].to(device=h.device, dtype=torch.float32)
-            self._cast[key] = basis
-        if basis.shape[-1] != h.shape[-1]:
-            raise SteeringError(
-                f"angular basis at {site} has width {basis.shape[-1]} but the activation has "
-                f"{h.shape[-1]}"
-            )
+        # the rotation is computed in float32 whatever the activation's dtype
+        basis = cached(self._cast, (site, h.device),
+                       lambda: self.basis[site].to(device=h.device, dtype=torch.float32))
+        check_width(f"angular basis at {site} has width", basis.shape[-1], h)
         s = strength.to(device=h.device, dtype=torch.float32).reshape(
             -1, *([1] * (h.ndim - 2)))
         p = h.to(torch.float32) @ basis.T  # (..., 2)
@@ -276,11 +272,6 @@ class AngularSteering(Controller):
         return torch.where(rotate[..., None], moved, h)
 
     # -- artifacts -----------------------------------------------------------------------------
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"layers": self.layers, "site": self.site, "recipe": self.recipe,
-                "angle": self._angle, "adaptive": self.adaptive, "second": self.second,
-                "scope": self.scope}
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         self.check_fitted()
         out: dict[str, torch.Tensor] = {}
@@ -299,4 +290,4 @@ class AngularSteering(Controller):
             basis[s] = torch.stack([b1, b2]).to(torch.float32)
         self.basis = basis
         self.sites = list(sites)
-        self._cast = {}
+        self._cast.clear()

@@ -11,7 +11,7 @@ so a controller never needs to know about padding or the KV cache.
 
 from __future__ import annotations
 
-import math
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,9 +19,15 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from steerlab.errors import DataError, SteeringError
+from steerlab.errors import SteeringError
+
+# The validators used to live here; they keep this import path.
+from steerlab.methods.checks import check_finite as check_finite
+from steerlab.methods.checks import check_positive as check_positive
+from steerlab.methods.checks import check_strength as check_strength
+from steerlab.methods.checks import two_class_rows as two_class_rows
 from steerlab.models import ModelInfo
-from steerlab.scope import LAST, TokenScope
+from steerlab.scope import LAST, TokenScope, parse_scope
 from steerlab.sites import Site
 
 
@@ -81,6 +87,12 @@ class Controller(ABC):
         # keyword arguments for the fit helper that a preset chose (not hyper-parameters)
         self.fit_options: dict[str, Any] = {}
 
+    def _set_scope(self, scope: str, *, steers: str | None = None) -> None:
+        """Record the ``scope`` hyper-parameter and parse it, once, into ``default_scope``
+        (``steers``: the scope actually steered, when the method overrides the given one)."""
+        self.scope = scope
+        self.default_scope = parse_scope(scope if steers is None else steers)
+
     @classmethod
     def from_preset(cls: type[C], name: str, **overrides: Any) -> C:
         """Construct with the preset's hyper-parameters, ``overrides`` winning; the fit helper
@@ -134,9 +146,29 @@ class Controller(ABC):
         """Return the steered tensor at ``site`` (same shape and dtype as ``h``)."""
 
     # -- artifacts -----------------------------------------------------------------------------
-    @abstractmethod
+    @classmethod
+    def hyperparameter_names(cls) -> list[str]:
+        """The constructor's parameter names, as scikit-learn's ``_get_param_names`` finds
+        them: the signature of ``__init__`` without ``self`` and ``*args``/``**kwargs``. A
+        constructor that takes ``**kwargs`` and passes them on (``ALQRPlus``) also takes its
+        base class's parameters, which come after its own."""
+        names: list[str] = []
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            params = inspect.signature(init).parameters.values()
+            names += [p.name for p in params if p.name != "self" and p.name not in names
+                      and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
+        return names
+
     def hyperparameters(self) -> dict[str, Any]:
-        """The constructor's arguments, JSON-serialisable."""
+        """The constructor's arguments, JSON-serialisable: each one's value is the attribute
+        of the same name (so a constructor stores every argument as given, validated and
+        normalised; a method that does not overrides this and says why)."""
+        return {name: getattr(self, name) for name in self.hyperparameter_names()}
 
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -158,65 +190,3 @@ class Controller(ABC):
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         state = f", sites={[str(s) for s in self.sites]}" if self.sites else ", unfitted"
         return f"{type(self).__name__}({hp}{state})"
-
-
-def check_strength(value: float) -> float:
-    """A steering strength must be a finite real number."""
-    try:
-        f = float(value)
-    except (TypeError, ValueError) as exc:
-        raise SteeringError(f"strength must be a number, got {value!r}") from exc
-    if not math.isfinite(f):
-        raise SteeringError(f"strength must be a finite number, got {value!r}")
-    return f
-
-
-def check_finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise SteeringError(
-            f"{name} has {bad} non-finite values (NaN or inf); check the model's dtype (use "
-            f"float32) and the data that produced them"
-        )
-
-
-def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    """A hyper-parameter that must be a finite, positive (or non-negative) number."""
-    try:
-        f = float(value)
-    except (TypeError, ValueError) as exc:
-        raise SteeringError(f"{name} must be a number, got {value!r}") from exc
-    if not math.isfinite(f) or f < 0 or (f == 0 and not allow_zero):
-        need = "non-negative" if allow_zero else "positive"
-        raise SteeringError(f"{name} must be a finite, {need} number, got {value!r}")
-    return f
-
-
-def two_class_rows(positive: torch.Tensor, negative: torch.Tensor, method: str, *,
-                   width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate positive (N₊, d) and negative (N₋, d) activations for a two-class estimator:
-    (N, d) tensors, at least 2 rows each, finite, equal widths (``width`` if given), not
-    identical. Returns them detached, float32, on the CPU."""
-    out = []
-    for name, x in (("positive", positive), ("negative", negative)):
-        if not isinstance(x, torch.Tensor) or x.ndim != 2:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise DataError(f"the {name} activations must be an (N, d) tensor, got {shape}")
-        if x.shape[0] < 2:
-            raise DataError(
-                f"{method} needs at least 2 {name} activations (one-class or empty data), "
-                f"got {x.shape[0]}"
-            )
-        x = x.detach().to(torch.float32).cpu()
-        if not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).sum())
-            raise DataError(f"the {name} activations have {bad} non-finite values (NaN or inf)")
-        out.append(x)
-    pos, neg = out
-    if pos.shape[1] != neg.shape[1]:
-        raise DataError(f"positive width {pos.shape[1]} != negative width {neg.shape[1]}")
-    if width is not None and pos.shape[1] != width:
-        raise DataError(f"activations have width {pos.shape[1]}, the estimator expects {width}")
-    if pos.shape == neg.shape and torch.equal(pos, neg):
-        raise DataError("the positive and negative activations are identical: one class only")
-    return pos, neg

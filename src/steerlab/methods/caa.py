@@ -27,70 +27,20 @@ behaviours, layer by layer).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import Controller, Preset, StepContext, check_finite
-from steerlab.scope import parse_scope
+
+# AdditiveController and Recipe live in methods/additive.py; they keep this import path.
+from steerlab.methods.additive import AdditiveController as AdditiveController
+from steerlab.methods.additive import Recipe as Recipe
+from steerlab.methods.base import Preset
+from steerlab.methods.checks import check_finite, check_recipe, check_site_kind, layers_arg
 from steerlab.sites import Site
 
-Recipe = Literal["ab", "last", "mean"]
 CAARecipe = Literal["ab", "last", "mean", "imported"]
-
-
-def _layers_arg(layers: int | Sequence[int]) -> list[int]:
-    out = [int(layers)] if isinstance(layers, int) else [int(x) for x in layers]
-    if not out:
-        raise SteeringError("give at least one layer")
-    return out
-
-
-class AdditiveController(Controller):
-    """A controller that adds a fixed vector per site: h' = h + strength · v_site."""
-
-    vectors: dict[Site, torch.Tensor]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.vectors = {}
-        self._cast: dict[tuple[Site, torch.dtype, torch.device], torch.Tensor] = {}
-
-    def steer(
-        self, site: Site, h: torch.Tensor, strength: torch.Tensor, ctx: StepContext
-    ) -> torch.Tensor:
-        key = (site, h.dtype, h.device)
-        v = self._cast.get(key)
-        if v is None:
-            v = self.vectors[site].to(device=h.device, dtype=h.dtype)
-            self._cast[key] = v
-        if v.shape[-1] != h.shape[-1]:
-            raise SteeringError(
-                f"vector at {site} has width {v.shape[-1]} but the activation has "
-                f"{h.shape[-1]}"
-            )
-        return h + strength.to(h.dtype)[:, None, None] * v
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {str(s): v.contiguous() for s, v in self.vectors.items()}
-
-    def load_state(self, tensors: dict[str, torch.Tensor], sites: list[Site]) -> None:
-        self.vectors = {s: tensors[str(s)].to(torch.float32) for s in sites}
-        self.sites = list(sites)
-        self._cast = {}
-
-    def set_vectors(self, vectors: dict[Site, torch.Tensor]) -> None:
-        for s, v in vectors.items():
-            check_finite(f"steering vector at {s}", v)
-        self.vectors = {s: v.to(torch.float32) for s, v in vectors.items()}
-        self.sites = sorted(self.vectors)
-        self._cast = {}
-
-    def vectors_by_layer(self) -> dict[int, torch.Tensor] | None:
-        if any(s.kind != "resid_post" for s in self.vectors):
-            return None
-        return {s.layer: v for s, v in self.vectors.items()}
 
 
 class CAA(AdditiveController):
@@ -128,18 +78,15 @@ class CAA(AdditiveController):
         scope: str = "from:-1",
     ) -> None:
         super().__init__()
-        if recipe not in ("ab", "last", "mean", "imported"):
-            raise SteeringError(f"unknown CAA recipe {recipe!r}; use ab, last or mean")
-        if site not in ("resid_post", "resid_pre"):
-            raise SteeringError(f"CAA steers resid_post or resid_pre, not {site!r}")
+        check_recipe(recipe, "CAA", allowed=("ab", "last", "mean", "imported"))
+        check_site_kind(site, "CAA steers")
         if normalize is not None and not normalize > 0:
             raise SteeringError(f"normalize must be a positive norm, got {normalize}")
-        self.layers = _layers_arg(layers)
+        self.layers = layers_arg(layers)
         self.site = site
         self.recipe: CAARecipe = recipe
         self.normalize = normalize
-        self.scope = scope
-        self.default_scope = parse_scope(scope)
+        self._set_scope(scope)
 
     def fit_sites(self) -> list[Site]:
         return [Site(self.site, layer) for layer in self.layers]
@@ -178,15 +125,6 @@ class CAA(AdditiveController):
         )
         return self
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {
-            "layers": self.layers,
-            "site": self.site,
-            "recipe": self.recipe,
-            "normalize": self.normalize,
-            "scope": self.scope,
-        }
-
 
 def normalize_across(controllers: Sequence[AdditiveController]) -> None:
     """CAA's ``normalize_vectors.py``: at each site, rescale every controller's vector to the
@@ -196,4 +134,4 @@ def normalize_across(controllers: Sequence[AdditiveController]) -> None:
         target = torch.stack([c.vectors[site].norm() for c in controllers]).mean()
         for c in controllers:
             c.vectors[site] = c.vectors[site] * (target / c.vectors[site].norm())
-            c._cast = {}
+            c.vectors_changed()

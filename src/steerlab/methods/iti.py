@@ -101,12 +101,19 @@ import numpy as np
 import torch
 
 from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import Preset, two_class_rows
-from steerlab.methods.caa import AdditiveController, _layers_arg
-from steerlab.scope import parse_scope
+from steerlab.methods.additive import AdditiveController
+from steerlab.methods.additive import Recipe as Recipe
+from steerlab.methods.base import Preset
+from steerlab.methods.checks import (
+    check_number,
+    check_recipe,
+    heads_sites,
+    layers_arg,
+    question_groups,
+    two_class_rows,
+)
 from steerlab.sites import Site
 
-Recipe = Literal["ab", "last", "mean"]
 Direction = Literal["mass_mean", "probe"]
 DEFAULT_TOP_K = 48
 REFERENCE = "likenneth/honest_llama"
@@ -275,27 +282,6 @@ def split_rows(n: int, val_fraction: float, rng: np.random.Generator) -> tuple[n
     return perm[: n - n_val], perm[n - n_val:]
 
 
-def _check_groups(groups: Any, n_pos: int, n_neg: int) -> tuple[list[Hashable],
-                                                               list[Hashable]]:
-    """``groups`` as (positive ids, negative ids) of N₊ and N₋ hashable ids."""
-    if not isinstance(groups, (tuple, list)) or len(groups) != 2:
-        raise DataError("groups must be a pair (positive question ids, negative question ids)")
-    out = []
-    for name, ids, n in (("positive", groups[0], n_pos), ("negative", groups[1], n_neg)):
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence | np.ndarray):
-            raise DataError(f"the {name} question ids must be a sequence, got "
-                            f"{type(ids).__name__}")
-        ids = list(ids.tolist() if isinstance(ids, np.ndarray) else ids)
-        if len(ids) != n:
-            raise DataError(f"{len(ids)} {name} question ids for {n} {name} rows")
-        for g in ids:
-            if g is None or not isinstance(g, Hashable):
-                raise DataError(f"a {name} question id is {g!r}: ids must be hashable values "
-                                f"(e.g. the question text)")
-        out.append(ids)
-    return out[0], out[1]
-
-
 class ITI(AdditiveController):
     """Inference-Time Intervention; see the module docstring for the equations.
 
@@ -354,12 +340,7 @@ class ITI(AdditiveController):
             if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
                 raise SteeringError(f"top_k must be a positive integer (or None), got {top_k!r}")
             top_k = int(top_k)
-        try:
-            a = float(alpha)
-        except (TypeError, ValueError) as exc:
-            raise SteeringError(f"alpha must be a number, got {alpha!r}") from exc
-        if not math.isfinite(a):
-            raise SteeringError(f"alpha must be a finite number, got {alpha!r}")
+        a = check_number("alpha", alpha)
         if direction not in ("mass_mean", "probe"):
             raise SteeringError(f"unknown ITI direction {direction!r}; use mass_mean or probe")
         try:
@@ -368,17 +349,15 @@ class ITI(AdditiveController):
             raise SteeringError(f"val_fraction must be a number, got {val_fraction!r}") from exc
         if not 0.0 < vf < 1.0:
             raise SteeringError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-        if recipe not in ("ab", "last", "mean"):
-            raise SteeringError(f"unknown ITI recipe {recipe!r}; use ab, last or mean")
-        self.layers: list[int] | None = None if layers is None else _layers_arg(layers)
+        check_recipe(recipe, "ITI")
+        self.layers: list[int] | None = None if layers is None else layers_arg(layers)
         self.top_k = top_k
         self.alpha = a
         self.direction: Direction = direction
         self.val_fraction = vf
         self.seed = int(seed)
         self.recipe: Recipe = recipe
-        self.scope = scope
-        self.default_scope = parse_scope(scope)
+        self._set_scope(scope)
         self.head_dim: int | None = None
         self.selected_heads: list[tuple[int, int]] = []
         self.val_accuracy: dict[int, torch.Tensor] = {}
@@ -394,22 +373,6 @@ class ITI(AdditiveController):
         return [Site("heads", layer) for layer in self.layers]
 
     # -- fit -----------------------------------------------------------------------------------
-    def _check_sites(
-        self, positive: dict[Site, torch.Tensor], negative: dict[Site, torch.Tensor]
-    ) -> list[Site]:
-        if not positive:
-            raise DataError("ITI needs activations at one or more heads sites")
-        sites = sorted(positive)
-        for s in sites:
-            if s.kind != "heads":
-                raise DataError(f"ITI reads attention heads (heads.L sites), not {s}")
-        if set(negative) != set(positive):
-            raise DataError(
-                f"positive sites {[str(s) for s in sites]} != negative sites "
-                f"{[str(s) for s in sorted(negative)]}"
-            )
-        return sites
-
     def fit(
         self,
         positive: dict[Site, torch.Tensor],
@@ -442,7 +405,7 @@ class ITI(AdditiveController):
                 or head_dim < 1:
             raise DataError(f"head_dim must be a positive integer, got {head_dim!r}")
         hd = int(head_dim)
-        sites = self._check_sites(positive, negative)
+        sites = heads_sites(positive, negative)
         pos: dict[Site, torch.Tensor] = {}
         neg: dict[Site, torch.Tensor] = {}
         for s in sites:
@@ -502,7 +465,7 @@ class ITI(AdditiveController):
             tr = np.concatenate([tr_p, np_ + tr_n])
             va = np.concatenate([va_p, np_ + va_n])
         else:
-            gp, gn = _check_groups(groups, np_, nn_)
+            gp, gn = question_groups(groups, np_, nn_)
             tr, va, q_tr, q_va = split_questions(gp, gn, self.val_fraction, self.seed)
             n_questions = [q_tr, q_va]
         y_all = np.concatenate([np.ones(np_), np.zeros(nn_)]).astype(np.int64)
@@ -603,18 +566,6 @@ class ITI(AdditiveController):
         return self
 
     # -- artifacts -----------------------------------------------------------------------------
-    def hyperparameters(self) -> dict[str, Any]:
-        return {
-            "layers": self.layers,
-            "top_k": self.top_k,
-            "alpha": self.alpha,
-            "direction": self.direction,
-            "val_fraction": self.val_fraction,
-            "seed": self.seed,
-            "recipe": self.recipe,
-            "scope": self.scope,
-        }
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = super().state_dict()
         out["iti.head_dim"] = torch.tensor(self.head_dim or 0, dtype=torch.int64)

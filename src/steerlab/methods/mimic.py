@@ -49,22 +49,27 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from steerlab.errors import SteeringError
-from steerlab.methods.act import (
-    Recipe,
-    SiteKindArg,
-    check_common,
+from steerlab.methods.act import check_common
+from steerlab.methods.additive import Recipe
+from steerlab.methods.additive import SiteKind as SiteKindArg
+from steerlab.methods.base import Controller, StepContext
+from steerlab.methods.cast_cache import CastCache, cached
+from steerlab.methods.checks import (
+    check_finite,
+    check_positive,
+    check_positive_int,
     check_strength_rows,
+    check_width,
     layers_arg,
     paired_sites,
+    two_class_rows,
 )
-from steerlab.methods.base import Controller, StepContext, check_finite, two_class_rows
-from steerlab.scope import parse_scope
 from steerlab.sites import Site
 
 REG_FLOOR = 1e-3  # relative to the mean per-dimension variance
@@ -143,27 +148,18 @@ class MiMiC(Controller):
     ) -> None:
         super().__init__()
         check_common("MiMiC", site, recipe)
-        r = float(reg)
-        if not r >= 0 or r == float("inf"):
-            raise SteeringError(f"reg must be a finite, non-negative number, got {reg!r}")
-        c = float(C)
-        if not c > 0 or c == float("inf"):
-            raise SteeringError(f"C must be a finite, positive number, got {C!r}")
-        if isinstance(max_iter, bool) or int(max_iter) < 1:
-            raise SteeringError(f"max_iter must be a positive integer, got {max_iter!r}")
         self.layers = layers_arg(layers)
         self.site: SiteKindArg = site
         self.recipe: Recipe = recipe
-        self.scope = scope
-        self.default_scope = parse_scope(scope)
-        self.reg = r
+        self._set_scope(scope)
+        self.reg = check_positive("reg", reg, allow_zero=True)
         self.only_negative = bool(only_negative)
-        self.C = c
-        self.max_iter = int(max_iter)
+        self.C = check_positive("C", C)
+        self.max_iter = check_positive_int("max_iter", max_iter)
         self.A, self.b, self.w, self.b0 = {}, {}, {}, {}
         self.mu_neg: dict[Site, torch.Tensor] = {}
         self.mu_pos: dict[Site, torch.Tensor] = {}
-        self._cast: dict[tuple[Site, torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
+        self._cast: CastCache[tuple[torch.Tensor, ...]] = {}
 
     def fit_sites(self) -> list[Site]:
         return [Site(self.site, layer) for layer in self.layers]
@@ -242,13 +238,11 @@ class MiMiC(Controller):
         self.w = {s: t.to(torch.float32) for s, t in w.items()}
         self.b0 = {s: t.to(torch.float32).reshape(1) for s, t in b0.items()}
         self.sites = sorted(self.A)
-        self._cast = {}
+        self._cast.clear()
 
     # -- run time ------------------------------------------------------------------------------
     def _params(self, site: Site, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        key = (site, h.dtype, h.device)
-        p = self._cast.get(key)
-        if p is None:
+        def make() -> tuple[torch.Tensor, ...]:
             self.check_site(site)
             A = self.A[site].to(torch.float64)
             M = A - torch.eye(A.shape[0], dtype=torch.float64)  # T(x) − x = M x + b
@@ -258,12 +252,10 @@ class MiMiC(Controller):
                 gd = torch.float64 if h.dtype == torch.float64 else torch.float32
                 p += tuple(t.to(device=h.device, dtype=gd) for t in (self.w[site],
                                                                       self.b0[site]))
-            self._cast[key] = p
-        if p[1].shape[-1] != h.shape[-1]:
-            raise SteeringError(
-                f"MiMiC at {site} maps width {p[1].shape[-1]} but the activation has "
-                f"{h.shape[-1]}"
-            )
+            return p
+
+        p = cached(self._cast, (site, h.dtype, h.device), make)
+        check_width(f"MiMiC at {site} maps width", p[1].shape[-1], h)
         return p
 
     def steer(
@@ -291,11 +283,6 @@ class MiMiC(Controller):
         return out
 
     # -- artifacts -----------------------------------------------------------------------------
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"layers": self.layers, "site": self.site, "recipe": self.recipe,
-                "scope": self.scope, "reg": self.reg, "only_negative": self.only_negative,
-                "C": self.C, "max_iter": self.max_iter}
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         self.check_fitted()
         out: dict[str, torch.Tensor] = {}

@@ -34,10 +34,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import check_positive
-from steerlab.methods.caa import Recipe
-from steerlab.methods.repe import DirectionController, Scale, SiteKind
+from steerlab.errors import DataError
+from steerlab.methods.additive import DirectionController, Recipe, Scale, SiteKind
+from steerlab.methods.checks import check_positive, check_positive_int
 from steerlab.sites import Site
 
 
@@ -72,9 +71,7 @@ class ProbeDirection(DirectionController):
     ) -> None:
         super().__init__(layers, site=site, recipe=recipe, scale=scale, scope=scope)
         self.C = check_positive("C", C)
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise SteeringError(f"max_iter must be a positive integer, got {max_iter!r}")
-        self.max_iter = max_iter
+        self.max_iter = check_positive_int("max_iter", max_iter)
         self.standardize = bool(standardize)
 
     def fit(
@@ -112,7 +109,3 @@ class ProbeDirection(DirectionController):
         theta = torch.from_numpy(w / norm).to(torch.float32)
         accuracy = float((clf.predict((x - mu) / sigma) == y).mean())
         return theta, {"train_accuracy": round(accuracy, 4), "converged": converged}
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {**self._base_hyperparameters(), "C": self.C, "max_iter": self.max_iter,
-                "standardize": self.standardize}

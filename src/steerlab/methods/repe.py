@@ -43,20 +43,20 @@ its cosine with the mean difference.
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
 
 from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import StepContext, two_class_rows
-from steerlab.methods.caa import AdditiveController, Recipe, _layers_arg
-from steerlab.scope import parse_scope
+
+# The direction base class and its literals live in methods/additive.py; they keep this path.
+from steerlab.methods.additive import DirectionController as DirectionController
+from steerlab.methods.additive import Recipe
+from steerlab.methods.additive import Scale as Scale
+from steerlab.methods.additive import SiteKind as SiteKind
 from steerlab.sites import Site
 
-Scale = Literal["projected", "unit"]
-SiteKind = Literal["resid_post", "resid_pre"]
 Variant = Literal["pca_diff", "pca_center"]
 
 
@@ -72,113 +72,6 @@ def pair_flips(n: int, seed: int) -> torch.Tensor:
     """RepE's random pair order as signs s_i = ±1 (``n`` pairs, seeded torch generator)."""
     g = torch.Generator().manual_seed(int(seed))
     return torch.randint(0, 2, (n,), generator=g).to(torch.float32) * 2 - 1
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    den = float(a.norm() * b.norm())
-    return float(a @ b) / den if den > 0 else 0.0
-
-
-class DirectionController(AdditiveController):
-    """An additive controller whose vector is a learned unit direction θ̂ times a scale.
-
-    Subclasses implement :meth:`direction`; this class handles the sites, the sign convention,
-    the ``scale`` option and the artifact state (vectors and directions).
-    """
-
-    directions: dict[Site, torch.Tensor]
-    _name: ClassVar[str] = "direction"
-
-    def __init__(
-        self,
-        layers: int | Sequence[int],
-        *,
-        site: SiteKind,
-        recipe: Recipe,
-        scale: Scale,
-        scope: str,
-    ) -> None:
-        super().__init__()
-        if recipe not in ("ab", "last", "mean"):
-            raise SteeringError(f"unknown recipe {recipe!r}; use ab, last or mean")
-        if site not in ("resid_post", "resid_pre"):
-            raise SteeringError(f"{self._name} steers resid_post or resid_pre, not {site!r}")
-        if scale not in ("projected", "unit"):
-            raise SteeringError(f"unknown scale {scale!r}; use projected or unit")
-        self.layers = _layers_arg(layers)
-        self.site: SiteKind = site
-        self.recipe: Recipe = recipe
-        self.scale: Scale = scale
-        self.scope = scope
-        self.default_scope = parse_scope(scope)
-        self.directions = {}
-
-    def fit_sites(self) -> list[Site]:
-        return [Site(self.site, layer) for layer in self.layers]
-
-    def steer(
-        self, site: Site, h: torch.Tensor, strength: torch.Tensor, ctx: StepContext
-    ) -> torch.Tensor:
-        if not self.vectors:
-            self.check_fitted()
-        return super().steer(site, h, strength, ctx)
-
-    @abstractmethod
-    def direction(
-        self, site: Site, pos: torch.Tensor, neg: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The unit direction at ``site`` from validated float32 rows, and fit figures."""
-
-    def _fit_directions(
-        self, positive: dict[Site, torch.Tensor], negative: dict[Site, torch.Tensor]
-    ) -> None:
-        if not positive:
-            raise DataError(f"{self._name} got no activations (an empty dict of sites)")
-        missing = sorted(str(s) for s in positive if s not in negative)
-        if missing:
-            raise DataError(f"no negative activations at {', '.join(missing)}")
-        directions: dict[Site, torch.Tensor] = {}
-        vectors: dict[Site, torch.Tensor] = {}
-        per_site: dict[str, dict[str, Any]] = {}
-        for site in sorted(positive):
-            pos, neg = two_class_rows(positive[site], negative[site], self._name)
-            theta, info = self.direction(site, pos, neg)
-            gap = pos.mean(0) - neg.mean(0)
-            along = float(gap @ theta)
-            vectors[site] = theta * along if self.scale == "projected" else theta.clone()
-            directions[site] = theta
-            info.update(cos_to_mean_difference=round(_cosine(theta, gap), 4),
-                        gap_along_direction=round(along, 4))
-            per_site[str(site)] = info
-        self.set_vectors(vectors)
-        self.directions = directions
-        self.fit_info.update(
-            n_positive=int(next(iter(positive.values())).shape[0]),
-            n_negative=int(next(iter(negative.values())).shape[0]),
-            per_site=per_site,
-        )
-
-    # -- artifacts -----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        self.check_fitted()
-        out = super().state_dict()
-        out.update({f"direction.{s}": d.contiguous() for s, d in self.directions.items()})
-        return out
-
-    def load_state(self, tensors: dict[str, torch.Tensor], sites: list[Site]) -> None:
-        super().load_state(tensors, sites)
-        directions = {}
-        for s in sites:
-            d = tensors[f"direction.{s}"].to(torch.float32)
-            if d.shape != self.vectors[s].shape:
-                raise ValueError(f"direction at {s} has shape {tuple(d.shape)}, its vector "
-                                 f"{tuple(self.vectors[s].shape)}")
-            directions[s] = d
-        self.directions = directions
-
-    def _base_hyperparameters(self) -> dict[str, Any]:
-        return {"layers": self.layers, "site": self.site, "recipe": self.recipe,
-                "scale": self.scale, "scope": self.scope}
 
 
 class RepE(DirectionController):
@@ -258,6 +151,3 @@ class RepE(DirectionController):
         if float((pos.mean(0) - neg.mean(0)) @ theta) < 0:
             theta = -theta
         return theta, {"explained_variance_ratio": round(ratio, 4), "paired": paired}
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {**self._base_hyperparameters(), "variant": self.variant, "seed": self.seed}

@@ -39,7 +39,6 @@ every architecture against the literal formula.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -48,19 +47,26 @@ from typing import Any, ClassVar, Literal, Self
 import torch
 
 from steerlab.errors import DataError, SteeringError
+from steerlab.methods.additive import Recipe as Recipe
 from steerlab.methods.base import Controller, StepContext
+from steerlab.methods.cast_cache import CastCache, cached
+from steerlab.methods.checks import RECIPES as RECIPES
+from steerlab.methods.checks import (
+    check_finite_strengths,
+    check_recipe,
+    check_sae_site,
+    check_site_kind,
+    check_tau,
+    check_width,
+)
 from steerlab.sae import SAEConfig, SparseAutoencoder, load_saelens
-from steerlab.scope import parse_scope
 from steerlab.sites import Site
-
-Recipe = Literal["ab", "last", "mean"]
-RECIPES: tuple[str, ...] = ("ab", "last", "mean")
 
 
 def sas_vector(S_pos: torch.Tensor, S_neg: torch.Tensor,
                tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(v, v⁺, v⁻) from sparse codes S⁺ (N⁺, m) and S⁻ (N⁻, m) with frequency threshold τ."""
-    _check_tau(tau)
+    check_tau(tau)
 
     def side(S: torch.Tensor) -> torch.Tensor:
         nz = S != 0
@@ -75,16 +81,6 @@ def sas_vector(S_pos: torch.Tensor, S_neg: torch.Tensor,
     v_pos = torch.where(shared, torch.zeros_like(v_pos), v_pos)
     v_neg = torch.where(shared, torch.zeros_like(v_neg), v_neg)
     return v_pos - v_neg, v_pos, v_neg
-
-
-def _check_tau(tau: float) -> float:
-    try:
-        t = float(tau)
-    except (TypeError, ValueError) as exc:
-        raise SteeringError(f"tau must be a number in [0, 1], got {tau!r}") from exc
-    if not math.isfinite(t) or not 0.0 <= t <= 1.0:
-        raise SteeringError(f"tau is a frequency threshold and must be in [0, 1], got {tau!r}")
-    return t
 
 
 class SAS(Controller):
@@ -117,19 +113,16 @@ class SAS(Controller):
         scope: str = "from:-1",
     ) -> None:
         super().__init__()
-        if site != "resid_post":
-            raise SteeringError(f"sas steers resid_post, not {site!r}")
-        if recipe not in RECIPES:
-            raise SteeringError(f"unknown recipe {recipe!r}; use ab, last or mean")
+        check_site_kind(site, "sas steers", allowed=("resid_post",))
+        check_recipe(recipe)
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise SteeringError(f"layer must be a non-negative integer, got {layer!r}")
         self.layer = layer
         self.site = site
-        self.tau = _check_tau(tau)
+        self.tau = check_tau(tau)
         self.recipe: Recipe = recipe
         self.embed_sae = bool(embed_sae)
-        self.scope = scope
-        self.default_scope = parse_scope(scope)
+        self._set_scope(scope)
         if isinstance(sae, str):
             sae_path, sae = sae, None
         self.sae_path = sae_path
@@ -138,20 +131,12 @@ class SAS(Controller):
             self.sae = load_saelens(sae_path)
         self._sae_config = sae_config
         if self.sae is not None:
-            self._check_sae_site(self.sae)
+            check_sae_site(self.sae.config.site, Site(self.site, self.layer))
         # learned state
         self.vector: torch.Tensor | None = None  # v (m,)
         self.v_pos: torch.Tensor | None = None
         self.v_neg: torch.Tensor | None = None
-        self._cache: dict[torch.device, dict[str, Any]] = {}
-
-    def _check_sae_site(self, sae: SparseAutoencoder) -> None:
-        site = sae.config.site
-        if site and site != str(Site(self.site, self.layer)):
-            raise SteeringError(
-                f"the SAE was trained at {site} but this SAS steers "
-                f"{Site(self.site, self.layer)}; pass layer={Site.parse(site).layer}"
-            )
+        self._cache: CastCache[dict[str, Any]] = {}
 
     # -- estimator -----------------------------------------------------------------------------
     def fit_sites(self) -> list[Site]:
@@ -186,7 +171,7 @@ class SAS(Controller):
             )
         self.vector, self.v_pos, self.v_neg = v, v_pos, v_neg
         self.sites = self.fit_sites()
-        self._cache = {}
+        self._cache.clear()
         self.fit_info.update(
             fit_seconds=round(time.perf_counter() - start, 3),
             n_positive=int(positive.shape[0]),
@@ -245,14 +230,15 @@ class SAS(Controller):
 
     # -- run time ------------------------------------------------------------------------------
     def _device_state(self, device: torch.device) -> dict[str, Any]:
-        st = self._cache.get(device)
-        if st is None:
+        """The SAE's weights that steering reads, on ``device`` (cached per device)."""
+        def make() -> dict[str, Any]:
             sae = self._require_sae()
             assert self.vector is not None
             W_enc = sae.W_enc.detach()
             W_dec = sae.decoder_weight().detach()
-            st = {"arch": sae.config.architecture,
-                  "b_dec_in": sae.b_dec.detach() if sae.config.apply_b_dec_to_input else None}
+            st: dict[str, Any] = {
+                "arch": sae.config.architecture,
+                "b_dec_in": sae.b_dec.detach() if sae.config.apply_b_dec_to_input else None}
             if st["arch"] in ("relu", "jumprelu"):
                 idx = torch.nonzero(self.vector).reshape(-1)
                 st.update(W_enc=W_enc[:, idx].contiguous(), b_enc=sae.b_enc.detach()[idx],
@@ -263,8 +249,9 @@ class SAS(Controller):
                 st.update(v=self.vector)
             st = {k: (t.to(device) if isinstance(t, torch.Tensor) else t) for k, t in st.items()}
             st["sae"] = sae if device == torch.device("cpu") else copy.deepcopy(sae).to(device)
-            self._cache[device] = st
-        return st
+            return st
+
+        return cached(self._cache, device, make)
 
     def transport(self, rows: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """a′ = a + (σ(f(a) + λv) − f(a))·W_dec for float32 rows (N, d), λ (N,)."""
@@ -294,13 +281,9 @@ class SAS(Controller):
         self.check_fitted()
         sae = self._require_sae()
         d = sae.config.d_in
-        if h.shape[-1] != d:
-            raise SteeringError(
-                f"sas at {site}: the SAE reads width {d} but the activation has {h.shape[-1]}"
-            )
+        check_width(f"sas at {site}: the SAE reads width", d, h)
         lam = strength.to(device=h.device, dtype=torch.float32).reshape(-1)
-        if not bool(torch.isfinite(lam).all()):
-            raise SteeringError(f"strength must be finite, got {lam.tolist()}")
+        check_finite_strengths(lam)
         if not bool((lam != 0).any()):
             return h
         rows = h.reshape(-1, d)
@@ -312,6 +295,9 @@ class SAS(Controller):
 
     # -- artifacts -----------------------------------------------------------------------------
     def hyperparameters(self) -> dict[str, Any]:
+        # Not the constructor's arguments as given: the SAE object is not JSON, so it is
+        # recorded as its config (``sae_config``), and ``sae_path`` only when the weights are
+        # not embedded (the artifact then loads the SAE from there).
         cfg = self._sae_config
         if self.sae is not None:
             cfg = asdict(self.sae.config)
@@ -359,7 +345,7 @@ class SAS(Controller):
         self.vector = vector
         self.v_pos, self.v_neg = tensors.get("v_pos"), tensors.get("v_neg")
         self.sites = list(sites)
-        self._cache = {}
+        self._cache.clear()
 
 
 class SAEReconstruction(Controller):
@@ -381,6 +367,8 @@ class SAEReconstruction(Controller):
         return torch.where(keep, h, recon)
 
     def hyperparameters(self) -> dict[str, Any]:
+        # A measurement tool, never saved: its arguments (an SAE object and a site) are not
+        # JSON hyper-parameters.
         return {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,298 +1,48 @@
-"""INNSteer: linear steering in the latent space of an invertible network.
-
-"Beyond Linear Activation Steering: Invertible Latent Transformations for Controlling LLM
-Behavior" (arXiv 2606.08454). **This is steerlab's reconstruction, not the authors' method as
-published: no official code exists** (none is known) and only the paper's abstract was
-available to us; the spec (``specs/methods.md`` §b) gives what is certain and a third-party
-recipe. Results of this controller are results of steerlab's reconstruction. Which parts are
-the paper's and which are ours:
-
-**Certain (the paper's abstract).** A lightweight invertible network φ maps an activation h
-to a latent z = φ(h) in which the behaviour classes are amenable to linear control; steering
-is a fixed translation there, mapped back exactly:
-
-    z′ = φ(h) + λ·v,    h′ = φ⁻¹(z′)
-
-which is a nonlinear, input-dependent edit of h.
-
-**Architecture (third-party recipe, RealNVP).** φ = c_K ∘ … ∘ c_1 ∘ s with
-
-* s(h) = (h − μ)/σ, per-dimension mean and standard deviation of the training activations,
-  fixed (log|det| = −Σ log σ);
-* K affine coupling layers (default 4): with a split of the dimensions into a conditioning
-  part a and a transformed part b, y_a = x_a and y_b = x_b·exp(tanh(s(x_a))) + t(x_a), where
-  (s, t) come from an MLP conditioner (default d_a → 512 → ReLU → 512 → ReLU → 2·d_b), so
-  log|det| = Σ tanh(s), and the inverse is x_b = (y_b − t(y_a))·exp(−tanh(s(y_a))), exact.
-  ``masks="halves"`` alternates the first and second half of the dimensions as the
-  conditioning part (the recipe's parity i mod 2); ``"random"`` draws a fixed, seeded random
-  half per layer. The conditioners' last layers start at zero, so φ starts as s.
-
-The coupling layers are zuko's (``GeneralCouplingTransform``, ``ComposedTransform``) with our
-tanh-bounded affine univariate transform (zuko's own affine bound is a soft clip, not tanh).
-
-**Training (ours; the paper's loss is unknown).** On positive (y = 1) and negative (y = 0)
-activations, minimise with AdamW (lr 1e-3, weight decay 1e-3, batch 64, gradient-norm clip
-1.0, linear warm-up over 60 epochs then cosine decay, at most 300 epochs: the recipe's
-defaults)
-
-    L = w_nll · mean[(½‖z‖² − log|det J_c(h)|)/d]          (Gaussian NLL per dimension)
-      + w_sep · S(z, y)                                       (separability)
-      + w_logdet · mean[(log|det J_c(h)|/d)²]                 (volume regulariser)
-
-where J_c is the Jacobian of the coupling layers (the standardisation's is a constant) and S
-is either ``"logistic"``: the binary cross-entropy of a linear probe σ(wᵀz + b) trained
-jointly with φ, or ``"margin"``: mean hinge max(0, 1 − ±uᵀ(z − m)) on the projections onto
-the (detached) unit difference u of the batch's latent class means about their midpoint m.
-Weights default to w_nll = 0.1 (ours; ``NLL_WEIGHT``), w_sep = 1 (the recipe's λ_dir) and
-w_logdet = 0.5 (the recipe's λ_logdet). A seeded validation split (10 %) drives early
-stopping (patience 30 epochs after warm-up; the best epoch's weights are kept). A
-non-finite loss stops training with an error and leaves the controller unfitted.
-
-**Direction.** ``direction="mean_diff"`` (the recipe's): v = mean φ(h₊) − mean φ(h₋) over the
-training activations; ``"probe"`` (needs ``separation="logistic"``): the probe normal
-u = w/‖w‖ scaled to the same class separation, v = u·uᵀ(mean φ(h₊) − mean φ(h₋)).
-
-**Where.** One residual-stream site (``resid_post.L`` by default); default token scope
-``"last"`` (as the third-party library). λ may differ per row; λ = 0 returns h bit for bit.
-"""
+"""The INNSteer controller: training the flow φ, the latent steering vector, and the
+steering z′ = φ(h) + λv, h′ = φ⁻¹(z′). See :mod:`steerlab.methods.inn`."""
 
 from __future__ import annotations
 
 import copy
 import math
 import time
-from typing import Any, ClassVar, Literal, Self, cast
+from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
 import torch
 from torch import nn
-from torch.distributions import constraints
-from zuko.flows.coupling import GeneralCouplingTransform
-from zuko.transforms import ComposedTransform, Transform
 
-from steerlab.errors import DataError, SteeringError
-from steerlab.methods.base import Controller, StepContext, check_positive, two_class_rows
-from steerlab.scope import parse_scope
+from steerlab.errors import SteeringError
+from steerlab.methods.base import Controller, StepContext
+from steerlab.methods.cast_cache import CastCache, cached
+from steerlab.methods.checks import (
+    check_batch_strengths,
+    check_count,
+    check_finite_strengths,
+    check_positive,
+    check_site_kind,
+    check_width,
+    splittable_rows,
+)
+from steerlab.methods.inn.flow import MASKS, LatentFlow, MaskKind
 from steerlab.sites import Site
 
-MaskKind = Literal["halves", "random"]
 Separation = Literal["logistic", "margin"]
 Direction = Literal["mean_diff", "probe"]
 Monitor = Literal["separation", "loss"]
-MASKS: tuple[str, ...] = ("halves", "random")
 MONITORS: tuple[str, ...] = ("separation", "loss")
 SEPARATIONS: tuple[str, ...] = ("logistic", "margin")
 DIRECTIONS: tuple[str, ...] = ("mean_diff", "probe")
-STD_FLOOR = 1e-6  # σ = max(std, STD_FLOOR · mean std): constant dimensions stay invertible
 # Default weight of the Gaussian NLL term (ours: the paper's loss is unknown and the recipe has
 # no NLL weight; with 1 the density term slows the separation, see docs/innsteer.md).
 NLL_WEIGHT = 0.1
 
 
-# -- the invertible map ------------------------------------------------------------------------
-class TanhAffineTransform(Transform):
-    """y = x·exp(tanh(s)) + t, element-wise: the coupling layers' univariate map."""
-
-    domain = constraints.real
-    codomain = constraints.real
-    bijective = True
-    sign = +1
-
-    def __init__(self, shift: torch.Tensor, scale: torch.Tensor) -> None:
-        super().__init__()
-        self.shift = shift
-        self.log_scale = torch.tanh(scale)
-
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.log_scale.exp() + self.shift
-
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return (y - self.shift) * torch.exp(-self.log_scale)
-
-    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.log_scale.expand(x.shape)
-
-
-class StandardiseTransform(Transform):
-    """z = (h − μ)/σ over the last dimension; log|det| = −Σ log σ (one value per row)."""
-
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        super().__init__()
-        self.mean = mean
-        self.std = std
-
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return y * self.std + self.mean
-
-    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return (-self.std.log().sum()).expand(x.shape[:-1])
-
-
-def coupling_masks(features: int, n_layers: int, kind: MaskKind, seed: int) -> list[torch.Tensor]:
-    """Boolean masks (True = conditioning part) of ``n_layers`` coupling layers."""
-    if kind not in MASKS:
-        raise SteeringError(f"unknown masks {kind!r}; use halves or random")
-    half = features // 2
-    if kind == "halves":
-        first = torch.arange(features) < half
-        return [(first if i % 2 == 0 else ~first).clone() for i in range(n_layers)]
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n_layers):
-        m = torch.zeros(features, dtype=torch.bool)
-        m[torch.randperm(features, generator=g)[:half]] = True
-        out.append(m)
-    return out
-
-
-class LatentFlow(nn.Module):
-    """φ = couplings ∘ standardisation (see the module docstring); float32, batched over rows.
-
-    Args:
-        features: width d of the activations (at least 2).
-        n_layers: number of affine coupling layers.
-        hidden: width of the conditioners' hidden layers; ``hidden_layers`` of them.
-        masks: ``"halves"`` or ``"random"``; ``seed`` seeds the random masks and the
-            conditioners' initial weights (the global RNG is left untouched).
-    """
-
-    def __init__(self, features: int, n_layers: int = 4, hidden: int = 512,
-                 hidden_layers: int = 2, masks: MaskKind = "halves", seed: int = 0) -> None:
-        super().__init__()
-        self.mean: torch.Tensor
-        self.std: torch.Tensor
-        if features < 2:
-            raise SteeringError(
-                f"INNSteer needs activations of width at least 2 to split them into coupling "
-                f"halves, got {features}"
-            )
-        self.features = int(features)
-        self.register_buffer("mean", torch.zeros(features))
-        self.register_buffer("std", torch.ones(features))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            layers = []
-            for mask in coupling_masks(features, n_layers, masks, seed):
-                layer = GeneralCouplingTransform(
-                    features, mask=mask, univariate=TanhAffineTransform,
-                    hidden_features=(hidden,) * hidden_layers, activation=nn.ReLU)
-                last = layer.hyper[-1]  # zuko.nn.Linear
-                nn.init.zeros_(last.weight)
-                nn.init.zeros_(last.bias)
-                layers.append(layer)
-        self.couplings = nn.ModuleList(layers)
-
-    def set_standardisation(self, x: torch.Tensor) -> None:
-        """Fix μ and σ from training rows (N, d)."""
-        mean = x.mean(0)
-        std = x.std(0)
-        floor = STD_FLOOR * float(std.mean().clamp_min(1e-12))
-        self.mean.copy_(mean)
-        self.std.copy_(std.clamp_min(floor))
-
-    def coupling_transform(self) -> ComposedTransform:
-        return ComposedTransform(*[c() for c in self.couplings])
-
-    def transform(self) -> ComposedTransform:
-        """φ as one zuko transform (``.inv`` for φ⁻¹, ``.call_and_ladj`` for log|det J|)."""
-        return ComposedTransform(StandardiseTransform(self.mean, self.std),
-                                 *[c() for c in self.couplings])
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.transform()(h)
-
-    def inverse(self, z: torch.Tensor) -> torch.Tensor:
-        return self.transform().inv(z)
-
-    def forward_and_logdet(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z = φ(h) and log|det ∂φ/∂h| per row."""
-        z, ladj = self.transform().call_and_ladj(h)
-        return z, ladj
-
-    # A direct path for inference: the same arithmetic as the zuko transforms, without
-    # building transform objects and index copies per call (for d = 576 at batch 1 it halves
-    # the cost, which the conditioners' matrix products then dominate).
-    # ``test_fast_path_equals_zuko`` checks both paths agree.
-    def _splits(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-        """Per coupling: conditioning and transformed indices, and a slice code: k > 0 when
-        the conditioning part is the first k dimensions, −k when the transformed part is the
-        first k (conditioning part last), 0 when the mask is not two contiguous halves."""
-        cached = getattr(self, "_split_cache", None)
-        if cached is None or cached[0] != self.mean.device:
-            splits: list[tuple[torch.Tensor, torch.Tensor, int]] = []
-            for c in self.couplings:
-                m = cast(torch.Tensor, c.mask)
-                ia, ib = m.nonzero().reshape(-1), (~m).nonzero().reshape(-1)
-                k, n = int(m.sum()), m.numel()
-                code = k if bool(m[:k].all()) else (-(n - k) if bool(m[n - k:].all()) else 0)
-                splits.append((ia, ib, code))
-            cached = (self.mean.device, splits)
-            self._split_cache = cached
-        return cached[1]
-
-    def _couple(self, i: int, x: torch.Tensor, inverse: bool) -> torch.Tensor:
-        ia, ib, code = self._splits()[i]
-        if code > 0:
-            x_a, x_b = x[..., :code], x[..., code:]
-        elif code < 0:
-            x_b, x_a = x[..., :-code], x[..., -code:]
-        else:
-            x_a, x_b = x[..., ia], x[..., ib]
-        hyper = cast(nn.Module, self.couplings[i].hyper)
-        p = hyper(x_a).unflatten(-1, (-1, 2))
-        t, s = p[..., 0], torch.tanh(p[..., 1])
-        y_b = (x_b - t) * torch.exp(-s) if inverse else x_b * s.exp() + t
-        if code > 0:
-            return torch.cat([x_a, y_b], dim=-1)
-        if code < 0:
-            return torch.cat([y_b, x_a], dim=-1)
-        y = x.clone()
-        y[..., ib] = y_b
-        return y
-
-    def fast_forward(self, h: torch.Tensor) -> torch.Tensor:
-        """φ(h) by the direct path (inference)."""
-        x = (h - self.mean) / self.std
-        for i in range(len(self.couplings)):
-            x = self._couple(i, x, inverse=False)
-        return x
-
-    def fast_inverse(self, z: torch.Tensor) -> torch.Tensor:
-        """φ⁻¹(z) by the direct path (inference)."""
-        y = z
-        for i in reversed(range(len(self.couplings))):
-            y = self._couple(i, y, inverse=True)
-        return y * self.std + self.mean
-
-
 # -- training ----------------------------------------------------------------------------------
-def _check_rows(positive: torch.Tensor, negative: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    pos, neg = two_class_rows(positive, negative, "INNSteer")
-    if pos.shape[1] < 2:
-        raise DataError(
-            f"INNSteer needs activations of width at least 2 (coupling layers split the "
-            f"dimensions in two), got {pos.shape[1]}"
-        )
-    return pos, neg
-
-
 def _split(n: int, fraction: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.randperm(n, generator=g)
     n_val = max(1, round(n * fraction)) if n >= 4 and fraction > 0 else 0
     return idx[n_val:], idx[:n_val]
-
-
-def _int(name: str, value: int, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise SteeringError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class INNSteer(Controller):
@@ -344,8 +94,7 @@ class INNSteer(Controller):
         scope: str = "last",
     ) -> None:
         super().__init__()
-        if site not in ("resid_post", "resid_pre"):
-            raise SteeringError(f"innsteer steers resid_post or resid_pre, not {site!r}")
+        check_site_kind(site, "innsteer steers")
         if masks not in MASKS:
             raise SteeringError(f"unknown masks {masks!r}; use halves or random")
         if separation not in SEPARATIONS:
@@ -354,11 +103,11 @@ class INNSteer(Controller):
             raise SteeringError(f"unknown direction {direction!r}; use mean_diff or probe")
         if direction == "probe" and separation != "logistic":
             raise SteeringError('direction="probe" needs separation="logistic" (the probe)')
-        self.layer = _int("layer", layer, 0)
+        self.layer = check_count("layer", layer, 0)
         self.site = site
-        self.n_layers = _int("n_layers", n_layers)
-        self.hidden = _int("hidden", hidden)
-        self.hidden_layers = _int("hidden_layers", hidden_layers)
+        self.n_layers = check_count("n_layers", n_layers)
+        self.hidden = check_count("hidden", hidden)
+        self.hidden_layers = check_count("hidden_layers", hidden_layers)
         self.masks: MaskKind = masks
         self.separation: Separation = separation
         self.direction: Direction = direction
@@ -367,22 +116,21 @@ class INNSteer(Controller):
         self.logdet_weight = check_positive("logdet_weight", logdet_weight, allow_zero=True)
         if self.nll_weight + self.sep_weight + self.logdet_weight == 0:
             raise SteeringError("at least one loss weight must be positive")
-        self.epochs = _int("epochs", epochs)
-        self.batch_size = _int("batch_size", batch_size)
+        self.epochs = check_count("epochs", epochs)
+        self.batch_size = check_count("batch_size", batch_size)
         self.lr = check_positive("lr", lr)
         self.weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
-        self.warmup_epochs = _int("warmup_epochs", warmup_epochs, 0)
+        self.warmup_epochs = check_count("warmup_epochs", warmup_epochs, 0)
         self.clip = check_positive("clip", clip)
         self.val_fraction = check_positive("val_fraction", val_fraction, allow_zero=True)
         if self.val_fraction >= 1:
             raise SteeringError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-        self.patience = _int("patience", patience)
+        self.patience = check_count("patience", patience)
         if monitor not in MONITORS:
             raise SteeringError(f"unknown monitor {monitor!r}; use separation or loss")
         self.monitor: Monitor = monitor
         self.seed = int(seed)
-        self.scope = scope
-        self.default_scope = parse_scope(scope)
+        self._set_scope(scope)
         # learned state
         self.flow: LatentFlow | None = None
         self.steering_vector: torch.Tensor | None = None  # v (d,)
@@ -390,7 +138,7 @@ class INNSteer(Controller):
         self.probe_weight: torch.Tensor | None = None  # (d,), logistic separation only
         self.probe_bias: torch.Tensor | None = None  # (1,)
         self.history: dict[str, list[float]] = {}
-        self._on_device: dict[torch.device, tuple[LatentFlow, torch.Tensor]] = {}
+        self._on_device: CastCache[tuple[LatentFlow, torch.Tensor]] = {}
 
     # -- estimator -----------------------------------------------------------------------------
     def make_flow(self, features: int) -> LatentFlow:
@@ -434,7 +182,7 @@ class INNSteer(Controller):
             progress: bool = False) -> Self:
         """Train φ on positive (N₊, d) and negative (N₋, d) activations at the site."""
         start = time.perf_counter()
-        pos, neg = _check_rows(positive, negative)
+        pos, neg = splittable_rows(positive, negative, "INNSteer")
         x_all = torch.cat([pos, neg])
         y_all = torch.cat([torch.ones(pos.shape[0]), torch.zeros(neg.shape[0])])
         g = torch.Generator().manual_seed(self.seed)
@@ -556,19 +304,16 @@ class INNSteer(Controller):
         else:
             self.steering_vector = self.mean_diff.clone()
         self.sites = self.fit_sites() if not self.sites else self.sites
-        self._on_device = {}
+        self._on_device.clear()
 
     def _device_state(self, device: torch.device) -> tuple[LatentFlow, torch.Tensor]:
         self.check_fitted()
-        assert self.flow is not None and self.steering_vector is not None
-        st = self._on_device.get(device)
-        if st is None:
-            if device == torch.device("cpu"):
-                st = (self.flow, self.steering_vector)
-            else:
-                st = (copy.deepcopy(self.flow).to(device), self.steering_vector.to(device))
-            self._on_device[device] = st
-        return st
+        flow, v = self.flow, self.steering_vector
+        assert flow is not None and v is not None
+        if device == torch.device("cpu"):
+            return flow, v
+        return cached(self._on_device, device,
+                      lambda: (copy.deepcopy(flow).to(device), v.to(device)))
 
     @property
     def hidden_size(self) -> int:
@@ -609,16 +354,10 @@ class INNSteer(Controller):
         self, site: Site, h: torch.Tensor, strength: torch.Tensor, ctx: StepContext
     ) -> torch.Tensor:
         d = self.hidden_size
-        if h.shape[-1] != d:
-            raise SteeringError(
-                f"innsteer at {site} was fitted on width {d} but the activation has "
-                f"{h.shape[-1]}"
-            )
+        check_width(f"innsteer at {site} was fitted on width", d, h)
         lam = strength.to(device=h.device, dtype=torch.float32).reshape(-1)
-        if not bool(torch.isfinite(lam).all()):
-            raise SteeringError(f"strength must be finite, got {lam.tolist()}")
-        if lam.shape[0] != h.shape[0]:
-            raise SteeringError(f"strength has {lam.shape[0]} rows for a batch of {h.shape[0]}")
+        check_finite_strengths(lam)
+        check_batch_strengths(lam, h)
         if not bool((lam != 0).any()):
             return h
         rows = h.reshape(-1, d)
@@ -628,18 +367,6 @@ class INNSteer(Controller):
         return out.reshape(h.shape)
 
     # -- artifacts -----------------------------------------------------------------------------
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"layer": self.layer, "site": self.site, "n_layers": self.n_layers,
-                "hidden": self.hidden, "hidden_layers": self.hidden_layers, "masks": self.masks,
-                "separation": self.separation, "direction": self.direction,
-                "nll_weight": self.nll_weight, "sep_weight": self.sep_weight,
-                "logdet_weight": self.logdet_weight, "epochs": self.epochs,
-                "batch_size": self.batch_size, "lr": self.lr, "weight_decay": self.weight_decay,
-                "warmup_epochs": self.warmup_epochs, "clip": self.clip,
-                "val_fraction": self.val_fraction, "patience": self.patience,
-                "monitor": self.monitor, "seed": self.seed,
-                "scope": self.scope}
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         self.check_fitted()
         assert self.flow is not None and self.mean_diff is not None

@@ -255,7 +255,7 @@ def test_fit_argument_errors_are_one_line_before_any_model_load(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Every argument error of ``fit``: one line, exit 2, no traceback, and before the model
     loads or any activation is collected (the layer range is read from the config)."""
-    import steerlab.cli as cli
+    import steerlab.cli.common as cli  # every command loads through common._load
 
     def no_load(model: str) -> None:
         raise AssertionError("the model was loaded before the arguments were checked")

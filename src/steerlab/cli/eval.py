@@ -10,22 +10,12 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from steerlab.cli_common import console, fail
+from steerlab.cli import common
+from steerlab.cli.common import ModelOption, console, fail, load_artifact
 from steerlab.errors import SteerlabError
 
 TASK_HELP = ("task: ab:BEHAVIOUR, mmlu_ab, truthfulqa_mc, refusal, sentiment, offensive, "
              "concept:NAME (repeat for several)")
-
-
-def _fail(exc: Exception) -> None:
-    fail(exc)
-
-
-def _load(model: str) -> Any:
-    from steerlab.models import load_model
-
-    with console.status(f"loading {model} ..."):
-        return load_model(model)
 
 
 def _tasks(names: list[str], lm: Any, n_train: int | None, n_test: int | None,
@@ -58,7 +48,7 @@ def eval_command(
     task: Annotated[list[str], typer.Option(help=TASK_HELP)],
     strength: Annotated[list[float] | None, typer.Option(
         help="strength(s) to evaluate each artifact at (default 1)")] = None,
-    model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
+    model: ModelOption = "smollm2-135m",
     scope: Annotated[str | None, typer.Option(help="token scope override")] = None,
     fold: Annotated[int, typer.Option(help="task fold to test on")] = 0,
     n_test: Annotated[int | None, typer.Option(help="cap on test items")] = None,
@@ -68,14 +58,13 @@ def eval_command(
 ) -> None:
     """Evaluate saved artifacts on tasks (unsteered first, then each artifact x strength)."""
     try:
-        from steerlab import artifacts
         from steerlab.data import neutral_prompts
         from steerlab.evals.metrics import next_token_kl
         from steerlab.runtime import Steer
 
-        lm = _load(model)
+        lm = common._load(model, announce=False)
         tasks = _tasks(task, lm, None, n_test, max_new_tokens)
-        ctrls = [(p, artifacts.load(p, lm.info)) for p in artifacts_]
+        ctrls = [(p, load_artifact(p, lm.info)) for p in artifacts_]
         strengths = strength or [1.0]
         rows: list[dict[str, Any]] = []
         for t in tasks:
@@ -106,7 +95,7 @@ def eval_command(
             json_out.write_text(json.dumps(rows, indent=1))
             console.print(f"[green]wrote[/] {json_out}")
     except SteerlabError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def sweep_command(
@@ -115,7 +104,7 @@ def sweep_command(
     task: Annotated[list[str], typer.Option(help=TASK_HELP)],
     layer: Annotated[list[int], typer.Option(help="block(s) to sweep (repeat)")],
     strength: Annotated[list[float], typer.Option(help="strength(s) (repeat)")],
-    model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
+    model: ModelOption = "smollm2-135m",
     scope: Annotated[str, typer.Option(help="token scope of every steer")] = "all",
     hp: Annotated[list[str] | None, typer.Option(
         help="method hyper-parameter METHOD.NAME=VALUE (repeat)")] = None,
@@ -137,7 +126,7 @@ def sweep_command(
         from steerlab.evals.sweep import SweepSpec, run_sweep
         from steerlab.evals.tasks import CapabilityUnder
 
-        lm = _load(model)
+        lm = common._load(model, announce=False)
         tasks = _tasks(task, lm, n_train, n_test, max_new_tokens)
         caps = _tasks(capability or [], lm, n_train, n_test, max_new_tokens)
         tasks += [CapabilityUnder(c, t) for t in list(tasks) for c in caps]
@@ -148,7 +137,7 @@ def sweep_command(
         console.print(f"{res.stats}")
         console.print(f"[green]report[/] {report}")
     except SteerlabError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def compare_command(
@@ -184,7 +173,7 @@ def compare_command(
                                 direction=direction)
             console.print(f"[green]report[/] {path}")
     except SteerlabError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def calibrate_command(
@@ -194,7 +183,7 @@ def calibrate_command(
     = 0.2,
     layer: Annotated[int, typer.Option(help="block to fit at")] = 12,
     artifact: Annotated[Path | None, typer.Option(help="calibrate a saved artifact")] = None,
-    model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
+    model: ModelOption = "smollm2-135m",
     budget_metric: Annotated[str, typer.Option(help="kl or a task metric (e.g. ppl)")] = "kl",
     budget: Annotated[float, typer.Option(help="most fluency cost allowed")] = math.inf,
     max_strength: Annotated[float, typer.Option()] = 64.0,
@@ -212,9 +201,9 @@ def calibrate_command(
         from steerlab import artifacts
         from steerlab.evals.calibrate import calibrate
 
-        lm = _load(model)
+        lm = common._load(model, announce=False)
         t = _tasks([task], lm, n_train, n_test, max_new_tokens)[0]
-        what: Any = artifacts.load(artifact, lm.info) if artifact else method
+        what: Any = load_artifact(artifact, lm.info) if artifact else method
         res = calibrate(lm, what, t, target=target, layer=layer, budget_metric=budget_metric,
                         budget=budget, max_strength=max_strength, max_evals=max_evals,
                         scope=scope)
@@ -235,4 +224,4 @@ def calibrate_command(
                                                       if k != "evaluations"}
             console.print(f"[green]saved[/] {artifacts.save(res.controller, save)}")
     except SteerlabError as exc:
-        _fail(exc)
+        fail(exc)

@@ -10,17 +10,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from steerlab.cli_common import console, fail
+from steerlab.cli import common
+from steerlab.cli.common import ModelOption, console, fail, load_artifact
 from steerlab.errors import SteerlabError
 
 sae_app = typer.Typer(help="Sparse autoencoders on residual-stream activations (for SAS).",
                       no_args_is_help=True)
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
-def _fail(exc: Exception) -> None:
-    fail(exc)
+# ``../shared/data`` beside the checkout (this file is <checkout>/src/steerlab/cli/sae.py)
+SHARED_DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
 def corpus_texts(corpus: str) -> list[str]:
@@ -39,7 +37,7 @@ def corpus_texts(corpus: str) -> list[str]:
 @sae_app.command("train")
 def sae_train(
     out: Annotated[Path, typer.Option("--out", "-o", help="SAELens folder to write")],
-    model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
+    model: ModelOption = "smollm2-135m",
     layer: Annotated[int, typer.Option(help="block whose output the SAE reads")] = 12,
     expansion: Annotated[int, typer.Option(help="d_sae = expansion × hidden size")] = 8,
     architecture: Annotated[str, typer.Option(help="topk, relu or jumprelu")] = "topk",
@@ -52,12 +50,11 @@ def sae_train(
 ) -> None:
     """Train an SAE on a corpus's token activations and save it in SAELens's format."""
     try:
-        from steerlab.cli import _load
         from steerlab.corpus import corpus_activations
         from steerlab.evals.sae import spliced_loss
         from steerlab.sae import SAEConfig, hook_name_for_site, save_saelens, train_sae
 
-        lm = _load(model)
+        lm = common._load(model)
         texts = corpus_texts(corpus)
         random.Random(seed).shuffle(texts)
         held = texts[:spliced_texts]
@@ -81,12 +78,12 @@ def sae_train(
         console.print(f"[green]saved[/] {path}")
         console.print_json(json.dumps(figures))
     except SteerlabError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def features(
     artifact: Annotated[Path, typer.Argument(help="an SAS artifact (.safetensors)")],
-    model: Annotated[str, typer.Option(help="model name, folder or .gguf")] = "smollm2-135m",
+    model: ModelOption = "smollm2-135m",
     corpus: Annotated[str, typer.Option(help="builtin, shared or a path")] = "builtin",
     top: Annotated[int, typer.Option(help="features to list")] = 10,
     snippets: Annotated[int, typer.Option(help="snippets per feature")] = 3,
@@ -95,13 +92,11 @@ def features(
 ) -> None:
     """List an SAS vector's top features with the corpus snippets that fire them most."""
     try:
-        from steerlab import artifacts
-        from steerlab.cli import _load
         from steerlab.features import top_activating
         from steerlab.methods.sas import SAS
 
-        lm = _load(model)
-        c = artifacts.load(artifact, lm.info)
+        lm = common._load(model)
+        c = load_artifact(artifact, lm.info)
         if not isinstance(c, SAS):
             raise SteerlabError(f"{artifact} is a {c.method} artifact, not an SAS vector")
         sae = c._require_sae()
@@ -124,4 +119,4 @@ def features(
             table.add_row(str(f), f"{values[f]:+.3f}", text or "(never fires)")
         console.print(table)
     except SteerlabError as exc:
-        _fail(exc)
+        fail(exc)

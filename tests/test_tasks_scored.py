@@ -23,9 +23,9 @@ from steerlab.data import (
     Renderer,
     load_caa_ab,
 )
+from steerlab.data import locate as data_locate
 from steerlab.errors import DataError
 from steerlab.evals.ab import ab_match_probability, ab_scores, completion_logprobs
-from steerlab.evals.tasks import ab as ab_tasks
 from steerlab.evals.tasks.ab import BEHAVIOURS, BehaviourAB, MMLUCapability, default_data_dir
 from steerlab.evals.tasks.truthfulqa import MCQuestion, TruthfulQAMC, load_truthfulqa_mc
 from steerlab.methods import CAA
@@ -226,7 +226,8 @@ def test_default_data_dir_order_and_error(tmp_path: Path, monkeypatch: pytest.Mo
     work = tmp_path / "a" / "work"
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
-    monkeypatch.setattr(ab_tasks, "__file__", str(tmp_path / "r/src/steerlab/evals/tasks/ab.py"))
+    # the checkout tried last is the one steerlab.data.locate (the one resolver) is in
+    monkeypatch.setattr(data_locate, "__file__", str(tmp_path / "r/src/steerlab/data/locate.py"))
     with pytest.raises(DataError) as err:
         default_data_dir()
     msg = str(err.value)

@@ -17,20 +17,20 @@ from steerlab.errors import SteerlabError
 sae_app = typer.Typer(help="Sparse autoencoders on residual-stream activations (for SAS).",
                       no_args_is_help=True)
 
-# ``../shared/data`` beside the checkout (this file is <checkout>/src/steerlab/cli/sae.py)
-SHARED_DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
-
-
 def corpus_texts(corpus: str) -> list[str]:
-    """``builtin``, ``shared`` (``../shared/data`` beside the checkout), or a path."""
+    """``builtin``, ``shared`` (the shared data folder: :func:`steerlab.data.shared_data_dir`,
+    ``$STEERLAB_DATA`` first), or a path."""
     from steerlab.corpus import builtin_corpus, load_corpus
+    from steerlab.data import shared_data_dir
 
     if corpus == "builtin":
         return builtin_corpus()
     if corpus == "shared":
-        if not SHARED_DATA.is_dir():
-            raise SteerlabError(f"{SHARED_DATA} is absent; give --corpus PATH or builtin")
-        return load_corpus(SHARED_DATA)
+        try:
+            folder = shared_data_dir()
+        except SteerlabError as exc:
+            raise SteerlabError(f"{exc}; give --corpus PATH or builtin") from exc
+        return load_corpus(folder)
     return load_corpus(corpus)
 
 

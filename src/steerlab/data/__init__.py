@@ -74,7 +74,6 @@ from steerlab.data.files import (  # noqa: F401
     Record,
     _atomic_write_lines,
     _existing_file,
-    _field,
     _json_records,
     _jsonl_records,
     _label,
@@ -83,6 +82,7 @@ from steerlab.data.files import (  # noqa: F401
     _read_json_or_jsonl,
     _read_text,
     _set_name,
+    required_field,
 )
 from steerlab.data.locate import (
     DATA_ENV,
@@ -93,8 +93,6 @@ from steerlab.data.locate import (
 from steerlab.data.public import (  # noqa: F401
     _from_records,
     _pairs,
-    _split_answers,
-    _truthfulqa_rows,
     load_advbench,
     load_caa_ab,
     load_csv,
@@ -103,6 +101,8 @@ from steerlab.data.public import (  # noqa: F401
     load_mmlu_ab,
     load_truthfulqa,
     load_truthfulqa_labeled,
+    split_answers,
+    truthfulqa_rows,
 )
 from steerlab.data.render import PLAIN_TEMPLATE, Renderer, RenderMode  # noqa: F401
 from steerlab.data.sets import (  # noqa: F401
@@ -114,6 +114,11 @@ from steerlab.data.sets import (  # noqa: F401
     _n_test,
     _sha256_json,
 )
+
+# the names these helpers had before they became public (kept for code importing them)
+_field = required_field
+_split_answers = split_answers
+_truthfulqa_rows = truthfulqa_rows
 
 __all__ = [
     "DATA_ENV",

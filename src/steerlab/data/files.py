@@ -163,7 +163,7 @@ def _read_csv(path: PathLike) -> tuple[Path, list[str], list[Record]]:
 # --------------------------------------------------------------------------- fields of a row
 
 
-def _field(p: Path, where: str, row: Mapping[str, Any], name: str) -> str:
+def required_field(p: Path, where: str, row: Mapping[str, Any], name: str) -> str:
     """A required, non-empty string field of a row (a one-item list gives its item)."""
     if name not in row or row[name] is None:
         found = ", ".join(repr(str(k)) for k in row if k is not None) or "none"

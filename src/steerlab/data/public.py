@@ -33,12 +33,12 @@ from steerlab.data.files import (
     PathLike,
     Record,
     _existing_file,
-    _field,
     _label,
     _no_rows,
     _read_csv,
     _read_json_or_jsonl,
     _set_name,
+    required_field,
 )
 from steerlab.data.sets import ContrastivePair, ContrastiveSet, LabeledSet, LabeledText
 from steerlab.errors import DataError
@@ -65,9 +65,9 @@ def _pairs(
         raise _no_rows(p)
     return [
         ContrastivePair(
-            prompt=_field(p, where, row, prompt),
-            positive=_field(p, where, row, positive),
-            negative=_field(p, where, row, negative),
+            prompt=required_field(p, where, row, prompt),
+            positive=required_field(p, where, row, positive),
+            negative=required_field(p, where, row, negative),
         )
         for where, row in records
     ]
@@ -98,7 +98,7 @@ def load_mmlu_ab(path: PathLike) -> ContrastiveSet:
     return ContrastiveSet(pairs, name=_set_name(p)).validate()
 
 
-def _split_answers(text: str) -> list[str]:
+def split_answers(text: str) -> list[str]:
     out: list[str] = []
     for part in text.split(";"):
         answer = part.strip()
@@ -107,7 +107,7 @@ def _split_answers(text: str) -> list[str]:
     return out
 
 
-def _truthfulqa_rows(path: PathLike, need: Sequence[str]) -> tuple[Path, list[Record]]:
+def truthfulqa_rows(path: PathLike, need: Sequence[str]) -> tuple[Path, list[Record]]:
     p, header, records = _read_csv(path)
     missing = [c for c in need if c not in header]
     if missing:
@@ -122,12 +122,12 @@ def _truthfulqa_rows(path: PathLike, need: Sequence[str]) -> tuple[Path, list[Re
 
 def load_truthfulqa(path: PathLike) -> ContrastiveSet:
     """One pair per TruthfulQA question: (Question, Best Answer, first Incorrect Answer)."""
-    p, records = _truthfulqa_rows(path, ("Question", "Best Answer", "Incorrect Answers"))
+    p, records = truthfulqa_rows(path, ("Question", "Best Answer", "Incorrect Answers"))
     pairs: list[ContrastivePair] = []
     for where, row in records:
-        question = _field(p, where, row, "Question")
-        best = _field(p, where, row, "Best Answer")
-        incorrect = _split_answers(_field(p, where, row, "Incorrect Answers"))
+        question = required_field(p, where, row, "Question")
+        best = required_field(p, where, row, "Best Answer")
+        incorrect = split_answers(required_field(p, where, row, "Incorrect Answers"))
         if not incorrect:
             raise DataError(f"{p}: {where}: field 'Incorrect Answers' holds no answer")
         pairs.append(ContrastivePair(question, best.strip(), incorrect[0]))
@@ -141,17 +141,17 @@ def load_truthfulqa_labeled(path: PathLike) -> LabeledSet:
     is not already there; duplicates within a question are dropped. Each item's ``group`` is
     its question, so a split by group (ITI's) keeps a question's answers on one side.
     """
-    p, records = _truthfulqa_rows(
+    p, records = truthfulqa_rows(
         path, ("Question", "Best Answer", "Correct Answers", "Incorrect Answers")
     )
     items: list[LabeledText] = []
     for where, row in records:
-        question = _field(p, where, row, "Question").strip()
-        best = _field(p, where, row, "Best Answer").strip()
-        correct = _split_answers(_field(p, where, row, "Correct Answers"))
+        question = required_field(p, where, row, "Question").strip()
+        best = required_field(p, where, row, "Best Answer").strip()
+        correct = split_answers(required_field(p, where, row, "Correct Answers"))
         if best not in correct:
             correct.insert(0, best)
-        incorrect = _split_answers(_field(p, where, row, "Incorrect Answers"))
+        incorrect = split_answers(required_field(p, where, row, "Incorrect Answers"))
         items.extend(LabeledText(f"Q: {question} A: {a}", 1, question) for a in correct)
         items.extend(LabeledText(f"Q: {question} A: {a}", 0, question) for a in incorrect)
     return LabeledSet(items, name="truthfulqa").validate()
@@ -166,7 +166,7 @@ def load_advbench(path: PathLike) -> list[str]:
         )
     if not records:
         raise _no_rows(p)
-    return [_field(p, where, row, "goal") for where, row in records]
+    return [required_field(p, where, row, "goal") for where, row in records]
 
 
 def _from_records(
@@ -188,7 +188,8 @@ def _from_records(
         return ContrastiveSet(pairs, name=_set_name(p)).validate()
     if {text, label} <= keys:
         items = [
-            LabeledText(_field(p, w, row, text), _label(p, w, row, label)) for w, row in records
+            LabeledText(required_field(p, w, row, text), _label(p, w, row, label))
+            for w, row in records
         ]
         return LabeledSet(items, name=_set_name(p)).validate()
     contrastive_missing = [f for f in (prompt, positive, negative) if f not in keys]

@@ -73,10 +73,7 @@ def default_data_dir() -> Path:
     ``../shared/data`` relative to the repository this source file belongs to. Raises
     :class:`DataError` naming every path tried.
     """
-    # the checkout is taken from this module's file (src/steerlab/evals/tasks/ab.py -> repo),
-    # as it always was here: the same folder as shared_data_dir's own default
-    repo = Path(__file__).resolve().parents[4]
-    return shared_data_dir(repo=repo)
+    return shared_data_dir()
 
 
 def check_fold(task: Task, fold: int) -> None:

@@ -58,9 +58,9 @@ from steerlab.data import (
     ContrastiveSet,
     LabeledSet,
     LabeledText,
-    _field,
-    _split_answers,
-    _truthfulqa_rows,
+    required_field,
+    split_answers,
+    truthfulqa_rows,
 )
 from steerlab.errors import DataError
 from steerlab.evals.ab import completion_logprobs
@@ -113,16 +113,17 @@ def load_truthfulqa_mc(path: str | Path, *, close: bool = True) -> list[MCQuesti
 
     Raises :class:`DataError` naming the file, line and missing column or field, for an
     empty file, and for a question without a true or a false answer."""
-    p, records = _truthfulqa_rows(
+    p, records = truthfulqa_rows(
         path, ("Question", "Best Answer", "Correct Answers", "Incorrect Answers"))
     out: list[MCQuestion] = []
     for where, row in records:
-        question = _field(p, where, row, "Question").strip()
-        best = _close(_field(p, where, row, "Best Answer"), close)
+        question = required_field(p, where, row, "Question").strip()
+        best = _close(required_field(p, where, row, "Best Answer"), close)
         true = _unique([_close(a, close)
-                        for a in _split_answers(_field(p, where, row, "Correct Answers"))])
+                        for a in split_answers(required_field(p, where, row, "Correct Answers"))])
         false = _unique([_close(a, close)
-                         for a in _split_answers(_field(p, where, row, "Incorrect Answers"))])
+                         for a in split_answers(
+                             required_field(p, where, row, "Incorrect Answers"))])
         if not false:
             raise DataError(f"{p}: {where}: field 'Incorrect Answers' holds no answer")
         true = [best] + [a for a in true if a != best]

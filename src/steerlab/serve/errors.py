@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerlab.serve import responses
-from steerlab.serve.engine import Completion, Event
 from steerlab.serve.protocol import ErrorBody
+from steerlab.serve.requests import Completion, Event
 
 log = logging.getLogger("steerlab.serve")
 

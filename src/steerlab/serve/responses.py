@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from steerlab.serve.engine import Completion, TokenLogprob
+from steerlab.serve.requests import Completion, TokenLogprob
 
 Kind = Literal["completion", "chat"]
 

@@ -24,9 +24,9 @@ from starlette.types import Receive, Scope, Send
 from steerlab.errors import SteerlabError
 from steerlab.runtime import Steer
 from steerlab.serve import responses
-from steerlab.serve.engine import Completion, Event, RequestHandle, TokenLogprob
 from steerlab.serve.errors import ERROR_RESPONSES, APIError, generation_error
 from steerlab.serve.protocol import ChatRequest, CompletionRequest
+from steerlab.serve.requests import Completion, Event, RequestHandle, TokenLogprob
 from steerlab.serve.sampling import SamplingParams
 from steerlab.serve.state import OPENAI_COMPLETION_DEFAULT, ServerState
 

@@ -492,7 +492,8 @@ def families(task: str, lm: LoadedModel, fits: Path, train: ContrastiveSet,
             if auto:
                 fam.start_pos = float(auto["strength"])
                 fam.start_neg = float(auto.get("strength_negative") or auto["strength"])
-                fam.note = (f"auto: block {auto.get('layer')}, s+ {auto['strength']:g}, "
+                fam.note = (f"auto: block {auto.get('layer')}, scope {auto.get('scope')}, "
+                            f"s+ {auto['strength']:g}, "
                             f"s- {auto.get('strength_negative')}")
                 if m == "caa" and auto.get("layer") is not None:
                     caa_auto_layer = int(auto["layer"])

@@ -88,3 +88,30 @@ def test_cli_auto_stores_the_choice_and_generate_uses_it(tmp_path: Path) -> None
     assert r1.exit_code == r2.exit_code == 0, r1.output
     assert r1.output.splitlines()[-1] == r2.output.splitlines()[-1]
     assert a["strength"] == 1.0 or r3.output != r1.output
+
+
+def test_auto_tries_the_paper_scope_and_all_and_stores_the_chosen_scope() -> None:
+    lm = tiny_model("llama", chat=True)
+    c = fit_method(lm, "caa", PAIRS, auto=True, budget=5.0, recipe="last")
+    a = c.fit_info["auto"]
+    # CAA's own scope (from:-1, the paper's) and every position, each on the same ladder
+    assert {p["scope"] for p in a["points"]} == {"from:-1", "all"}
+    assert c.scope == a["scope"] and str(c.default_scope) == a["scope"]
+    admissible = [p for p in a["points"] if p["kl"] <= 5.0 and p["strength"] > 0]
+    top = max(admissible, key=lambda p: p["change"])
+    assert (a["scope"], a["strength"], a["change"]) == (top["scope"], top["strength"],
+                                                       top["change"])
+    # the negative strength is the best one at the chosen scope
+    neg = [p for p in a["points"] if p["scope"] == a["scope"] and p["strength"] < 0
+           and p["kl"] <= 5.0 and p["change"] < 0]
+    if neg:
+        assert a["strength_negative"] == min(neg, key=lambda p: p["change"])["strength"]
+    # the artifact's hyper-parameter is the chosen scope, measured as recorded
+    assert c.hyperparameters()["scope"] == a["scope"]
+    _train, val = validation_split(PAIRS, 0.2, 0)
+    change, _ = _Scorer(lm, _rows(lm, val), 8).measure(Steer(c, a["strength"]))
+    assert change == pytest.approx(a["change"], abs=1e-4)
+    # a scope the user gives is the only one tried
+    given = fit_method(lm, "caa", PAIRS, auto=True, budget=5.0, recipe="last", scope="last")
+    assert {p["scope"] for p in given.fit_info["auto"]["points"]} == {"last"}
+    assert given.scope == "last"

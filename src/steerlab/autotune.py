@@ -20,10 +20,16 @@ unsteered: positive strengths must raise it.
 
 **Search.** Block candidates: ``layers`` if given, else four blocks at 25, 40, 50 and 60 % of
 the depth for methods that take a block (methods that steer every block, A-LQR and S-PID,
-have one candidate). Per candidate, strengths ``start·2^i`` (i = 0 … ``max_doublings``) in
-each direction, stopping at the first one over the budget (the KL grows with |s|); the
-chosen (block, strength) has the largest change among admissible candidates, the negative
-direction's best strength is kept too. The controller of the chosen block is returned, with
+have one candidate). Scope candidates: the method's own default scope (its paper's,
+``docs/strength.md``) and ``all`` (every position, prompt included, as steering-vectors and
+repeng steer), unless ``scope`` is given, which is then the only one; a method whose scope is
+fixed by its mode (positional ActAdd) keeps it. The scope changes nothing in the fit, so each
+block is fitted once and measured under each scope. Per (block, scope), strengths
+``start·2^i`` (i = 0 … ``max_doublings``) in each direction, stopping at the first one over
+the budget (the KL grows with |s|); the chosen (block, scope, strength) has the largest change
+among admissible candidates, and the negative direction's best strength *at that block and
+scope* is kept too. The controller of the chosen block is returned with the chosen scope as
+its ``scope`` hyper-parameter (so artifacts, ``generate`` and the server use it), and
 ``fit_info["auto"]`` holding the choice, the budget and every measured point; ``steerlab
 generate`` uses ``auto.strength`` when no strength is given.
 """
@@ -41,6 +47,7 @@ import torch
 from steerlab.data import ContrastiveSet, LabeledSet, Renderer
 from steerlab.errors import DataError
 from steerlab.models import LoadedModel
+from steerlab.scope import parse_scope
 
 DEPTH_FRACTIONS = (0.25, 0.4, 0.5, 0.6)
 
@@ -50,6 +57,7 @@ class AutoChoice:
     """What :func:`auto_fit` chose and measured (stored as ``fit_info["auto"]``)."""
 
     layer: int | None
+    scope: str
     strength: float
     strength_negative: float | None
     change: float
@@ -217,6 +225,22 @@ def layer_candidates(method: str, lm: LoadedModel,
     return [*sorted({min(n - 1, max(0, round(f * n))) for f in DEPTH_FRACTIONS})]
 
 
+AUTO_SCOPES = ("all",)
+"""Scopes ``auto`` tries besides the method's own default (see the module docstring)."""
+
+
+def scope_candidates(controller: Any, given: str | None) -> list[str]:
+    """The scopes to try for ``controller``: ``given`` alone if the user gave one; the
+    controller's own scope alone if its mode fixes what it steers (positional ActAdd); else
+    its own scope followed by :data:`AUTO_SCOPES` (duplicates removed, order kept)."""
+    own = str(getattr(controller, "scope", controller.default_scope))
+    if given is not None:
+        return [str(given)]
+    if str(controller.default_scope) != str(parse_scope(own)):
+        return [own]  # the method steers a scope of its own whatever it is given
+    return list(dict.fromkeys([own, *AUTO_SCOPES]))
+
+
 def auto_fit(
     lm: LoadedModel,
     method: str,
@@ -246,7 +270,8 @@ def auto_fit(
     train, val = validation_split(data, val_fraction, seed)
     scorer = _Scorer(lm, _rows(lm, val), batch_size)
     points: list[dict[str, Any]] = []
-    best: dict[int, tuple[float, float, float, Any, int | None]] = {}  # sign -> choice
+    # (sign, block, scope) -> (gain, strength, KL, controller)
+    best: dict[tuple[int, int | None, str], tuple[float, float, float, Any]] = {}
     candidates = layer_candidates(method, lm, layers)
     iterator: Any = candidates
     if progress:
@@ -255,26 +280,31 @@ def auto_fit(
         iterator = tqdm(candidates, desc="auto: blocks", unit="block")
     for layer in iterator:
         controller = fit_method(lm, method, train, layer=layer, **fit_kwargs)
-        for sign in (1, -1):
-            for i in range(max_doublings + 1):
-                s = sign * start * 2.0 ** i
-                change, kl = scorer.measure(Steer(controller, s))
-                points.append({"layer": layer, "strength": s, "change": round(change, 5),
-                               "kl": round(kl, 5)})
-                if kl > budget or not math.isfinite(kl):
-                    break
-                gain = sign * change
-                if gain > 0 and (sign not in best or gain > best[sign][0]):
-                    best[sign] = (gain, s, kl, controller, layer)
-    if 1 not in best:
+        for scope in scope_candidates(controller, fit_kwargs.get("scope")):
+            for sign in (1, -1):
+                for i in range(max_doublings + 1):
+                    s = sign * start * 2.0 ** i
+                    change, kl = scorer.measure(Steer(controller, s, scope=scope))
+                    points.append({"layer": layer, "scope": scope, "strength": s,
+                                   "change": round(change, 5), "kl": round(kl, 5)})
+                    if kl > budget or not math.isfinite(kl):
+                        break
+                    gain = sign * change
+                    key = (sign, layer, scope)
+                    if gain > 0 and (key not in best or gain > best[key][0]):
+                        best[key] = (gain, s, kl, controller)
+    positive = [(v, k) for k, v in best.items() if k[0] == 1]
+    if not positive:
         raise DataError(
             f"--auto: no strength of {method} raised the validation behaviour within a "
             f"next-token KL of {budget:g} nats (blocks {candidates}); raise the budget or give "
             f"the layer and strength yourself")
-    gain, s, kl, controller, layer = best[1]
-    neg = best.get(-1)
+    (gain, s, kl, controller), (_, layer, scope) = max(positive, key=lambda vk: vk[0][0])
+    neg = best.get((-1, layer, scope))
+    if scope != str(getattr(controller, "scope", controller.default_scope)):
+        controller._set_scope(scope)
     choice = AutoChoice(
-        layer=layer, strength=s, strength_negative=neg[1] if neg else None,
+        layer=layer, scope=scope, strength=s, strength_negative=neg[1] if neg else None,
         change=round(gain, 5), change_negative=round(-neg[0], 5) if neg else None,
         kl=round(kl, 5), budget=budget, val_rows=len(scorer.rows.ids),
         baseline_score=round(scorer.baseline, 5), points=points,

@@ -49,7 +49,7 @@ def fit(
 
 
 def fit_with(
-    contract: type[Controller],
+    contract: type[Any],
     lm: LoadedModel,
     data: Any,
     controller: C,

@@ -128,9 +128,9 @@ class Controller(ABC):
         replace the ``layers`` (or ``layer``) hyper-parameter, as the artifact records them."""
         sites = model.resolve(self.fit_sites())
         if write_back and hasattr(self, "layers"):
-            self.layers = [s.layer for s in sites]
+            setattr(self, "layers", [s.layer for s in sites])  # noqa: B010 - not every method has it
         elif write_back and hasattr(self, "layer") and sites:
-            self.layer = sites[0].layer
+            setattr(self, "layer", sites[0].layer)  # noqa: B010
         return sites
 
     def reading(self, model: ModelLayout, data: Any, **options: Any) -> Reading:

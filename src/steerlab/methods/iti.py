@@ -118,7 +118,7 @@ from steerlab.methods.iti_tuning import (
     DEFAULT_ITI_TUNING_FRACTION as DEFAULT_ITI_TUNING_FRACTION,
 )
 from steerlab.methods.iti_tuning import _aheapsort as _aheapsort
-from steerlab.methods.iti_tuning import hold_out_questions, question_ids
+from steerlab.methods.iti_tuning import hold_out_questions, question_ids, tuning_texts
 from steerlab.methods.iti_tuning import rank_heads as rank_heads
 from steerlab.methods.iti_tuning import reference_argsort as reference_argsort
 from steerlab.methods.iti_tuning import split_questions as split_questions
@@ -268,22 +268,8 @@ class ITI(AdditiveController):
         if isinstance(held, ContrastiveSet):
             reading.tuning_sets["tuning"] = held
         elif held is not None:
-            reading.texts["tuning"] = self._tuning_texts(held)
+            reading.texts["tuning"] = tuning_texts(held, self.recipe)
         return reading
-
-    def _tuning_texts(self, held: Any) -> list[str]:
-        """The texts of a labelled tuning set or a list of strings (read at the last token)."""
-        from steerlab.data import LabeledSet
-
-        texts = [t.text for t in held] if isinstance(held, LabeledSet) else \
-            [str(t) for t in held]
-        if self.recipe != "last":
-            raise DataError(f"tuning texts have no prompt/completion split, so recipe "
-                            f"{self.recipe!r} cannot be read on them; use recipe 'last' or a "
-                            f"contrastive tuning set")
-        if not texts:
-            raise DataError("the tuning set is empty")
-        return texts
 
     def fit_collected(self, collected: Collected) -> ITI:
         """``fit`` with the head width, the tuning rows and the question ids; ``fit_info``

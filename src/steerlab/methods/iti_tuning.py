@@ -229,3 +229,18 @@ def question_ids(data: Any) -> tuple[list[Any], list[Any]] | None:
         raise DataError(f"labelled set {data.name!r}: {have.count(False)} of {len(have)} items "
                         f"have no group; give every item a group (question id) or none")
     return ([t.group for t in data if t.label == 1], [t.group for t in data if t.label == 0])
+
+
+def tuning_texts(held: Any, recipe: str) -> list[str]:
+    """The texts of a labelled tuning set or a list of strings, which ITI reads as they are
+    at the last token (so only with recipe ``last``)."""
+    from steerlab.data import LabeledSet
+
+    texts = [t.text for t in held] if isinstance(held, LabeledSet) else [str(t) for t in held]
+    if recipe != "last":
+        raise DataError(f"tuning texts have no prompt/completion split, so recipe {recipe!r} "
+                        f"cannot be read on them; use recipe 'last' or a contrastive tuning "
+                        f"set")
+    if not texts:
+        raise DataError("the tuning set is empty")
+    return texts

@@ -317,7 +317,8 @@ def test_fit_hp_sets_any_hyperparameter(folder: Path, data: Path, tmp_path: Path
 def test_fit_hp_bad_value_is_one_line(folder: Path, data: Path, tmp_path: Path) -> None:
     for args, message in ((["--hp", "normalize=-1"], "normalize must be a positive norm"),
                           (["--method", "iti", "--hp", "top_k=many"], "top_k must be a positive"),
-                          (["--method", "repe", "--hp", "variant=[1, 2]"], "variant")):
+                          (["--method", "repe", "--hp", "variant=[1, 2]"], "variant"),
+                          (["--method", "actadd", "--hp", "layer=x"], "actadd refuses a value")):
         r = runner.invoke(app, ["fit", "--model", str(folder), "--data", str(data), "--layers",
                                 "1", *args, "--out", str(tmp_path / "x.safetensors")])
         assert r.exit_code == 2, r.output

@@ -167,13 +167,23 @@ def _fit_by_name(lm: Any, method: str, data: str, limit: int, values: dict[str, 
         options["tuning"] = load_dataset(values["tuning"]) if values.get("tuning") else None
     if "tuning_fraction" in flags.fit_options:
         options["tuning_fraction"] = values.get("tuning_fraction")
+    if extra:  # a constructor may refuse a --hp value with a plain TypeError or ValueError
+        _check_constructs(lm, method, preset, kw)
+    return fit_method(lm, method, dataset, preset=preset, progress=True, fit_options=options,
+                      **kw)
+
+
+def _check_constructs(lm: Any, method: str, preset: str | None, kw: dict[str, Any]) -> None:
+    """Construct ``method`` with ``kw`` once, so that a bad ``--hp`` value is a one-line
+    error before any activation is collected."""
+    from steerlab.fitting import build_controller
+
     try:
-        return fit_method(lm, method, dataset, preset=preset, progress=True,
-                          fit_options=options, **kw)
+        build_controller(method, lm, preset=preset, **kw)
+    except SteerlabError:
+        raise
     except (TypeError, ValueError) as exc:
-        if isinstance(exc, SteerlabError):
-            raise
-        raise SteerlabError(f"{method}: a hyper-parameter has a bad value ({exc})") from exc
+        raise SteerlabError(f"--hp: {method} refuses a value ({exc})") from exc
 
 
 def _fit_auto(lm: Any, method: str, data: str, limit: int, layer_list: list[int],

@@ -76,9 +76,11 @@ def fit_method(lm: LoadedModel, method: str, data: ContrastiveSet | LabeledSet |
     if auto:
         from steerlab.autotune import auto_fit
 
-        if data is None or fit_options:
+        if data is None:
             raise DataError("auto=True chooses the block and strength on a validation slice "
-                            "of the data: give a data set (and no fit options)")
+                            "of the data: give a data set")
+        if fit_options:
+            raise DataError(f"auto=True takes no fit options (got {', '.join(fit_options)})")
         return auto_fit(lm, method, data, layers=[layer] if layer is not None else None,
                         budget=budget, progress=progress, recipe=recipe, scope=scope,
                         preset=preset, cache=cache, **hyperparameters)

@@ -260,7 +260,7 @@ class ITI(AdditiveController):
         reading = Reading(sites=sites, recipe=self.recipe, data="labelled", sets=[probe_data],
                           extras={"head_dim": model.head_dim,
                                   "groups": question_ids(probe_data)})
-        reading.options.update(
+        reading.extras["fit_info"] = dict(
             tuning="given" if tuning is not None else "held-out" if held is not None
             else "probe rows",
             tuning_fraction=None if tuning is not None else fraction,
@@ -280,7 +280,7 @@ class ITI(AdditiveController):
         extras = collected.reading.extras
         self.fit(collected.positive, collected.negative, head_dim=extras["head_dim"],
                  tuning=tuning, groups=extras["groups"])
-        self.fit_info.update(collected.reading.options)
+        self.fit_info.update(extras["fit_info"])
         return self
 
     # -- fit -----------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +36,8 @@ from _common import command_line, machine_facts, print_header
 from steerlab.data import ContrastiveSet, load_caa_ab, neutral_prompts, sentiment_pairs
 from steerlab.evals.ab import ab_match_probability
 from steerlab.evals.metrics import next_token_kl, sentiment_sweep
-from steerlab.fitting import fit_angular, fit_caa, fit_contrastive, fit_iti
-from steerlab.methods import (
-    CAA,
-    ITI,
-    AngularSteering,
-    Controller,
-    LinearAcT,
-    MeanAcT,
-    MiMiC,
-    ProbeDirection,
-    RepE,
-)
+from steerlab.fitting import fit_method
+from steerlab.methods import Controller
 from steerlab.models import LoadedModel, load_model
 from steerlab.runtime import Steer
 
@@ -71,27 +60,13 @@ NAMES = {"caa": "CAA", "iti": "ITI", "repe": "RepE", "probe": "Probe", "mean_act
          "linear_act": "Linear-AcT", "mimic": "MiMiC", "angular": "Angular"}
 
 
-def fit_method(lm: LoadedModel, method: str, data: Any, layer: int, recipe: str,
-               scope: str) -> Controller:
-    kw: dict[str, Any] = {"recipe": recipe, "scope": scope}
-    fitters: dict[str, Callable[[], Controller]] = {
-        "caa": lambda: fit_caa(lm, data, CAA(layers=layer, **kw), cache=False, progress=False),
-        "iti": lambda: fit_iti(lm, data, ITI(**kw), cache=False, progress=False),
-        "repe": lambda: fit_contrastive(lm, data, RepE(layers=layer, **kw), cache=False,
-                                        progress=False),
-        "probe": lambda: fit_contrastive(lm, data, ProbeDirection(layers=layer, **kw),
-                                         cache=False, progress=False),
-        "mean_act": lambda: fit_contrastive(lm, data, MeanAcT(layers=layer, **kw), cache=False,
-                                            progress=False),
-        "linear_act": lambda: fit_contrastive(lm, data, LinearAcT(layers=layer, **kw),
-                                              cache=False, progress=False),
-        "mimic": lambda: fit_contrastive(lm, data, MiMiC(layers=layer, **kw), cache=False,
-                                         progress=False),
-        "angular": lambda: fit_angular(lm, data, AngularSteering(layers=layer, **kw),
-                                       cache=False, progress=False),
-    }
+def fit_timed(lm: LoadedModel, method: str, data: Any, layer: int, recipe: str,
+              scope: str) -> Controller:
+    """``method`` fitted by name at ``layer`` (ITI: every block, its own default), with the
+    wall time of the whole fit in ``fit_info["wall_fit_seconds"]``."""
     t0 = time.perf_counter()
-    c = fitters[method]()
+    c: Controller = fit_method(lm, method, data, layer=None if method == "iti" else layer,
+                               recipe=recipe, scope=scope, cache=False, progress=False)
     c.fit_info["wall_fit_seconds"] = round(time.perf_counter() - t0, 3)
     return c
 
@@ -126,7 +101,7 @@ def main() -> None:
         print(f"\n## sentiment: {len(data)} pairs, block {args.layer}, scope all, "
               f"{len(prompts)} neutral prompts x {args.new_tokens} greedy tokens")
         for m in args.methods:
-            c = fit_method(lm, m, data, args.layer, "last", "all")
+            c = fit_timed(lm, m, data, args.layer, "last", "all")
             configs = [(f"{NAMES[m]} x{s:g}", [Steer(c, s)]) for s in GRIDS[m]]
             rows = sentiment_sweep(lm, prompts, configs, max_new_tokens=args.new_tokens,
                                    verbose=True)
@@ -152,7 +127,7 @@ def main() -> None:
         out["behaviour"] = {"set": args.behaviour, "n_train": len(train), "n_test": len(test),
                             "p_match_unsteered": p0, "methods": {}}
         for m in args.methods:
-            c = fit_method(lm, m, train, args.layer, "ab", "all")
+            c = fit_timed(lm, m, train, args.layer, "ab", "all")
             rows = []
             for s in GRIDS[m]:
                 for sign in (1.0, -1.0):

@@ -20,7 +20,7 @@ Configurations, each at every batch size:
 Targets: CAA >= 0.95 (issue 2), A-LQR >= 0.9 (issue 3), ODESteer >= 0.9 (issue 4),
 INNSteer >= 0.9 (issue 5), SAS >= 0.9 (issue 6); the baselines are reported against 0.9.
 
-The CAA vectors are fitted with :func:`steerlab.fitting.fit_caa` on the built-in sentiment
+The CAA vectors are fitted with :func:`steerlab.fitting.fit_method` on the built-in sentiment
 pairs (activations cached in ``$STEERLAB_CACHE``), so they have realistic norms. Every call
 generates exactly ``--new-tokens`` tokens per row (``min_new_tokens == max_new_tokens``; the
 script checks the output length), from the first ``batch`` prompts of ``neutral_prompts()``
@@ -52,8 +52,7 @@ from _common import (
     write_json,
 )
 from steerlab.data import Renderer, neutral_prompts, sentiment_pairs
-from steerlab.fitting import fit_caa
-from steerlab.methods.caa import CAA
+from steerlab.fitting import fit_method
 from steerlab.models import DEFAULT_MODEL, LoadedModel, load_model
 from steerlab.runtime import Steer, steering, tokenize_prompts
 
@@ -108,59 +107,37 @@ def fit_controllers(lm: LoadedModel, methods: list[str],
     data = sentiment_pairs()
     configs: dict[str, list[Steer]] = {"unsteered": []}
     if "caa" in methods:
-        one = fit_caa(lm, data, CAA(layers=n // 2), progress=False)
-        every = fit_caa(lm, data, CAA(layers=list(range(n))), progress=False)
+        one = fit_method(lm, "caa", data, layer=n // 2)
+        every = fit_method(lm, "caa", data, layers=list(range(n)))
         configs[f"caa-1-layer (L{n // 2})"] = [Steer(one, 4.0)]
         configs[f"caa-all-layers ({n})"] = [Steer(every, 1.0)]
     if "alqr" in methods:
-        from steerlab.fitting import fit_alqr
-        from steerlab.methods.alqr import ALQR
-
-        alqr = fit_alqr(lm, data, ALQR(), progress=False)
+        alqr = fit_method(lm, "alqr", data)
         configs[f"alqr (all {n} blocks)"] = [Steer(alqr, 1.0)]
         configs[f"alqr+ (all {n} blocks)"] = [Steer(alqr, 1.0, scope="all")]
     if "ode" in methods:
-        from steerlab.fitting import fit_odesteer
-        from steerlab.methods.ode import ODESteer, StepODESteer
-
         layer = (2 * n) // 5
-        ode = fit_odesteer(lm, data, ODESteer(layer=layer), progress=False)
-        step = fit_odesteer(lm, data, StepODESteer(layer=layer), progress=False)
+        ode = fit_method(lm, "odesteer", data, layer=layer)
+        step = fit_method(lm, "step_odesteer", data, layer=layer)
         configs[f"odesteer (L{layer}, 10 Euler steps)"] = [Steer(ode, 10.0)]
         configs[f"stepodesteer (L{layer})"] = [Steer(step, 10.0)]
     if "inn" in methods:
-        from steerlab.fitting import fit_innsteer
-        from steerlab.methods.inn import INNSteer
-
         layer = (2 * n) // 5
-        inn = fit_innsteer(lm, data, INNSteer(layer=layer), progress=False)
+        inn = fit_method(lm, "innsteer", data, layer=layer)
         configs[f"innsteer (L{layer}, scope last)"] = [Steer(inn, 2.0)]
         configs[f"innsteer (L{layer}, scope all)"] = [Steer(inn, 2.0, scope="all")]
     if "baselines" in methods:
-        from steerlab.fitting import fit_angular, fit_contrastive, fit_iti
-        from steerlab.methods import (
-            ITI,
-            AngularSteering,
-            LinearAcT,
-            MeanAcT,
-            MiMiC,
-            ProbeDirection,
-            RepE,
-        )
-
         layer = n // 2
-        iti = fit_iti(lm, data, ITI(), progress=False)
+        iti = fit_method(lm, "iti", data)
         configs[f"iti ({len(iti.selected_heads)} heads on {len(iti.sites)} blocks)"] = [
             Steer(iti, 1.0)]
-        for cls, strength in ((RepE, 4.0), (ProbeDirection, 4.0), (MeanAcT, 4.0),
-                              (LinearAcT, 2.0), (MiMiC, 1.0)):
-            c = fit_contrastive(lm, data, cls(layers=layer), progress=False)
+        for method, strength in (("repe", 4.0), ("probe", 4.0), ("mean_act", 4.0),
+                                 ("linear_act", 2.0), ("mimic", 1.0)):
+            c = fit_method(lm, method, data, layer=layer)
             configs[f"{c.method} (L{layer})"] = [Steer(c, strength)]
-        ang = fit_angular(lm, data, AngularSteering(layers=layer), progress=False)
+        ang = fit_method(lm, "angular", data, layer=layer)
         configs[f"angular (L{layer})"] = [Steer(ang, 1.0)]
     if "sas" in methods:
-        from steerlab.fitting import fit_sas
-        from steerlab.methods.sas import SAS
         from steerlab.sae import load_saelens
 
         if not sae_paths:
@@ -169,7 +146,7 @@ def fit_controllers(lm: LoadedModel, methods: list[str],
         for path in sae_paths:
             sae = load_saelens(path)
             layer = int(sae.config.site.split(".")[1])
-            sas = fit_sas(lm, data, SAS(layer, sae=sae, recipe="last"), progress=False)
+            sas = fit_method(lm, "sas", data, layer=layer, sae=sae, recipe="last")
             name = f"sas (L{layer}, {sae.config.d_sae // lm.info.hidden_size}x"
             configs[f"{name}, scope last)"] = [Steer(sas, 4.0)]
             configs[f"{name}, scope all)"] = [Steer(sas, 4.0, scope="all")]

@@ -249,6 +249,9 @@ def test_iti_tuning_file_and_paper_preset(folder: Path, data: Path, labelled: Pa
     (["--method", "nope"], "unknown method"),
     (["--scope", "sideways"], "unknown token scope"),
     (["--data", "/nonexistent/file.jsonl"], "no such file"),
+    (["--hp", "bogus=1"], "caa takes no hyper-parameter 'bogus'"),
+    (["--method", "iti", "--hp", "top_k"], "--hp takes NAME=VALUE"),
+    (["--hp", "=3"], "--hp takes NAME=VALUE"),
 ])
 def test_fit_argument_errors_are_one_line_before_any_model_load(
         folder: Path, tmp_path: Path, args: list[str], message: str,
@@ -287,3 +290,82 @@ def test_generate_refuses_absurd_strengths_and_prompts_past_the_context(
     r = runner.invoke(app, ["generate", "word " * 300, "--model", str(folder),
                             "--max-new-tokens", "4"])
     assert r.exit_code == 2 and "exceeds" in r.output and "context" in r.output, r.output
+
+
+def test_fit_hp_sets_any_hyperparameter(folder: Path, data: Path, tmp_path: Path) -> None:
+    """``--hp NAME=VALUE`` (VALUE as JSON, else a string) sets a constructor argument no flag
+    covers, and overrides a flag's."""
+    from steerlab import artifacts
+
+    art = tmp_path / "caa.safetensors"
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--data", str(data), "--layers", "1",
+                            "--hp", "normalize=2.5", "--hp", "site=resid_pre", "--out", str(art)])
+    assert r.exit_code == 0, r.output
+    meta = artifacts.read_metadata(art)
+    assert meta["hyperparameters"]["normalize"] == 2.5
+    assert meta["hyperparameters"]["site"] == "resid_pre"
+    assert meta["sites"] == ["resid_pre.1"]
+    art = tmp_path / "spid.safetensors"
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", "spid", "--data",
+                            str(data), "--lambda", "3", "--hp", "lambdas=[0.5]", "--hp",
+                            "kp=0.4", "--out", str(art)])
+    assert r.exit_code == 0, r.output
+    hp = artifacts.read_metadata(art)["hyperparameters"]
+    assert hp["lambdas"] == [0.5] and hp["kp"] == 0.4
+
+
+def test_fit_hp_bad_value_is_one_line(folder: Path, data: Path, tmp_path: Path) -> None:
+    for args, message in ((["--hp", "normalize=-1"], "normalize must be a positive norm"),
+                          (["--method", "iti", "--hp", "top_k=many"], "top_k must be a positive"),
+                          (["--method", "repe", "--hp", "variant=[1, 2]"], "variant"),
+                          (["--method", "actadd", "--hp", "layer=x"], "actadd refuses a value")):
+        r = runner.invoke(app, ["fit", "--model", str(folder), "--data", str(data), "--layers",
+                                "1", *args, "--out", str(tmp_path / "x.safetensors")])
+        assert r.exit_code == 2, r.output
+        assert message in r.output and "Traceback" not in r.output, r.output
+        assert r.output.strip().splitlines()[-1].startswith("error:"), r.output
+        assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_fit_a_method_a_user_registered(folder: Path, data: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method added to ``METHODS`` fits with ``steerlab fit --method NAME`` (its block from
+    --layers, its other hyper-parameters from --hp) without any change to the CLI."""
+    import torch
+
+    from steerlab import artifacts
+    from steerlab.methods import METHODS
+    from steerlab.methods.additive import AdditiveController
+    from steerlab.sites import Site
+
+    class HalfShift(AdditiveController):
+        method = "half_shift_test"
+
+        def __init__(self, layers: int | list[int] = 0, *, scale: float = 0.5,
+                     recipe: str = "last", scope: str = "all") -> None:
+            super().__init__()
+            self.layers = [layers] if isinstance(layers, int) else list(layers)
+            self.scale, self.recipe = scale, recipe
+            self._set_scope(scope)
+
+        def fit_sites(self) -> list[Site]:
+            return [Site("resid_post", k) for k in self.layers]
+
+        def fit(self, positive: dict[Site, torch.Tensor],
+                negative: dict[Site, torch.Tensor]) -> HalfShift:
+            self.set_vectors({s: self.scale * (positive[s].mean(0) - negative[s].mean(0))
+                              for s in positive})
+            return self
+
+    monkeypatch.setitem(METHODS, HalfShift.method, HalfShift)
+    art = tmp_path / "half.safetensors"
+    r = runner.invoke(app, ["fit", "--model", str(folder), "--method", "half_shift_test",
+                            "--data", str(data), "--layers", "0,-1", "--hp", "scale=0.25",
+                            "--out", str(art)])
+    assert r.exit_code == 0, r.output
+    meta = artifacts.read_metadata(art)
+    assert meta["method"] == "half_shift_test" and meta["sites"] == ["resid_post.0",
+                                                                     "resid_post.1"]
+    assert meta["hyperparameters"] == {"layers": [0, 1], "scale": 0.25, "recipe": "mean",
+                                       "scope": "all"}
+

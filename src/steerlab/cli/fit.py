@@ -4,6 +4,7 @@ artifact (optionally choosing its block and strength with ``--auto``)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,67 +27,168 @@ BASELINES = ("iti", "repe", "probe", "mean_act", "linear_act", "mimic", "angular
 LFS_METHODS = ("alqr", "alqr_plus", "spid", "actadd_lfs")
 
 
-def _make(cls: Any, preset: str | None, given: set[str], **kw: Any) -> Any:
-    """Construct ``cls``: plainly, or from ``preset`` where the flags the user gave (and
-    the ones the preset does not set) override the preset's values."""
+@dataclass(frozen=True)
+class MethodFlags:
+    """Which of ``fit``'s flags a method takes, and how it reads ``--data``.
+
+    Attributes:
+        flags: hyper-parameter names filled from the flags (``layers``: every ``--layers``
+            block; ``layer``: the first).
+        if_given: hyper-parameters filled only where the flag was given.
+        name: the method's name in messages.
+        pairs_only: a labelled ``--data`` file is refused.
+        labelled_last: a labelled ``--data`` file is read at the last token (recipe ``last``).
+        reads_data: ``--data`` is read at all (ActAdd reads its own prompt pair).
+        required: (hyper-parameter, message) pairs: the flag must be given.
+        fit_options: fit options filled from the flags (ITI's ``tuning``).
+    """
+
+    flags: tuple[str, ...]
+    if_given: tuple[str, ...] = ()
+    name: str = ""
+    pairs_only: bool = False
+    labelled_last: bool = False
+    reads_data: bool = True
+    required: tuple[tuple[str, str], ...] = ()
+    fit_options: tuple[str, ...] = ()
+
+
+_LFS = ("lambdas", "recipe")
+_ALQR = MethodFlags(("q", "r", "q_f", "keep_K", *_LFS))
+_ODE = MethodFlags(("layer", "scope"))
+_COMMON = ("layers", "recipe", "scope")
+# The registered methods' flags; a method missing here (e.g. one a user registered) takes
+# --layers, --recipe and --scope where its constructor does, and --hp.
+METHOD_FLAGS: dict[str, MethodFlags] = {
+    "caa": MethodFlags(_COMMON, name="CAA", pairs_only=True),
+    "actadd": MethodFlags(("layer", "positive", "negative", "scope"), reads_data=False),
+    "alqr": _ALQR,
+    "alqr_plus": _ALQR,
+    "spid": MethodFlags(_LFS),
+    "actadd_lfs": MethodFlags(("layers", *_LFS)),
+    "odesteer": _ODE,
+    "step_odesteer": _ODE,
+    "innsteer": MethodFlags(("layer", "scope", "epochs", "warmup_epochs", "direction")),
+    "sas": MethodFlags(("layer", "sae", "tau", "recipe", "embed_sae", "scope"), name="SAS",
+                       pairs_only=True, required=(
+                           ("sae", "SAS needs --sae FOLDER (train one: steerlab sae train)"),)),
+    "iti": MethodFlags(("top_k", "alpha", "recipe", "scope"), if_given=("layers",),
+                       labelled_last=True, fit_options=("tuning", "tuning_fraction")),
+    "repe": MethodFlags(("layers", "variant", "recipe", "scope"), pairs_only=True,
+                        labelled_last=True),
+    "probe": MethodFlags(_COMMON, labelled_last=True),
+    "mean_act": MethodFlags(_COMMON, labelled_last=True),
+    "linear_act": MethodFlags(_COMMON, labelled_last=True),
+    "mimic": MethodFlags(("layers", "reg", "recipe", "scope"), labelled_last=True),
+    "angular": MethodFlags(("layers", "angle", "adaptive", "recipe", "scope"), pairs_only=True,
+                           labelled_last=True),
+}
+
+
+def method_flags(method: str) -> MethodFlags:
+    """The flags ``method`` takes: its entry in :data:`METHOD_FLAGS`, else (a method added
+    to ``METHODS``) the block, recipe and scope where its constructor takes them."""
+    from steerlab.methods import METHODS
+
+    if method in METHOD_FLAGS:
+        return METHOD_FLAGS[method]
+    names = METHODS[method].hyperparameter_names()
+    block = ("layers",) if "layers" in names else ("layer",) if "layer" in names else ()
+    return MethodFlags((*block, *(n for n in ("recipe", "scope") if n in names)))
+
+
+def parse_hp(items: list[str], method: str) -> dict[str, Any]:
+    """``--hp NAME=VALUE`` as ``{NAME: VALUE}``: the value parsed as JSON, else kept as a
+    string; a name the method's constructor does not take is refused."""
+    from steerlab.methods import METHODS
+
+    out: dict[str, Any] = {}
+    names = METHODS[method].hyperparameter_names() if method in METHODS else []
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise SteerlabError(f"--hp takes NAME=VALUE (VALUE as JSON or a string), got "
+                                f"{item!r}")
+        if method in METHODS and name not in names:
+            raise SteerlabError(f"--hp {name}: {method} takes no hyper-parameter {name!r}; it "
+                                f"takes {', '.join(names)}")
+        try:
+            out[name] = json.loads(text)
+        except json.JSONDecodeError:
+            out[name] = text
+    return out
+
+
+def _load_data(data: str, limit: int, method: str, flags: MethodFlags) -> Any:
+    """``--data`` for ``method`` (``None`` when it reads none), cut to ``--limit``."""
+    from steerlab.data import LabeledSet, load_dataset, sentiment_pairs
+
+    if not flags.reads_data:
+        return None
+    dataset = sentiment_pairs() if data == "sentiment" else load_dataset(data)
+    if flags.pairs_only and isinstance(dataset, LabeledSet):
+        raise SteerlabError(f"{data} is a labelled set; {flags.name or method} needs "
+                            f"contrastive pairs")
+    return dataset[:limit] if limit else dataset
+
+
+def _hyperparameters(method: str, flags: MethodFlags, values: dict[str, Any],
+                     given: set[str], preset: str | None) -> dict[str, Any]:
+    """The constructor's keyword arguments from the flags; with ``preset``, only those the
+    user gave or the preset does not set (the preset's values fill the rest)."""
+    from steerlab.methods import METHODS
+
+    kw = {k: values[k] for k in flags.flags}
+    kw.update({k: values[k] for k in flags.if_given if k in given})
     if preset is None:
-        return cls(**kw)
-    if preset not in cls.presets:
-        known = ", ".join(sorted(cls.presets)) or "none"
-        raise SteerlabError(f"{cls.method} has no preset {preset!r} (presets: {known})")
-    hp = cls.presets[preset].hyperparameters
-    return cls.from_preset(preset, **{k: v for k, v in kw.items() if k in given or k not in hp})
+        return kw
+    hp = METHODS[method].presets[preset].hyperparameters
+    return {k: v for k, v in kw.items() if k in given or k not in hp}
 
 
-def _fit_baseline(lm: Any, method: str, data: str, limit: int, layer_list: list[int],
-                  recipe: str, scope: str, preset: str | None = None,
-                  given: frozenset[str] | set[str] = frozenset(), **opts: Any) -> Any:
-    """Fit one of the issue-7 baselines (ITI, RepE, probe, Mean-/Linear-AcT, MiMiC, angular)."""
-    from steerlab.data import ContrastiveSet, LabeledSet, load_dataset, sentiment_pairs
-    from steerlab.fitting import fit_angular, fit_contrastive, fit_iti
-    from steerlab.methods import (
-        ITI,
-        AngularSteering,
-        LinearAcT,
-        MeanAcT,
-        MiMiC,
-        ProbeDirection,
-        RepE,
-    )
+def _fit_by_name(lm: Any, method: str, data: str, limit: int, values: dict[str, Any],
+                 given: set[str], extra: dict[str, Any], *, preset: str | None) -> Any:
+    """Build ``method`` from its flags (and ``--hp``) and fit it by name."""
+    from steerlab.data import LabeledSet, load_dataset
+    from steerlab.fitting import fit_method
 
-    dataset: ContrastiveSet | LabeledSet = (sentiment_pairs() if data == "sentiment"
-                                            else load_dataset(data))
-    if limit:
-        dataset = dataset[:limit]
-    if isinstance(dataset, LabeledSet):
-        if method in ("repe", "angular"):
-            raise SteerlabError(f"{data} is a labelled set; {method} needs contrastive pairs")
-        recipe = "last"
-    kw: dict[str, Any] = {"recipe": recipe, "scope": scope}
-    if method == "iti":
-        tuning_set = load_dataset(opts["tuning"]) if opts.get("tuning") else None
-        if "layers" in given:
-            kw["layers"] = layer_list
-        return fit_iti(lm, dataset, _make(ITI, preset, set(given), top_k=opts["top_k"],
-                                          alpha=opts["alpha"], **kw),
-                       tuning=tuning_set, tuning_fraction=opts.get("tuning_fraction"))
-    if method == "angular":
-        return fit_angular(lm, dataset, AngularSteering(
-            layers=layer_list, angle=opts["angle"], adaptive=opts["adaptive"], **kw))
-    make = {
-        "repe": lambda: RepE(layers=layer_list, variant=opts["variant"], **kw),
-        "probe": lambda: ProbeDirection(layers=layer_list, **kw),
-        "mean_act": lambda: MeanAcT(layers=layer_list, **kw),
-        "linear_act": lambda: LinearAcT(layers=layer_list, **kw),
-        "mimic": lambda: MiMiC(layers=layer_list, reg=opts["reg"], **kw),
-    }
-    return fit_contrastive(lm, dataset, make[method]())
+    flags = method_flags(method)
+    for name, message in flags.required:
+        if values.get(name) is None:
+            raise SteerlabError(message)
+    dataset = _load_data(data, limit, method, flags)
+    if flags.labelled_last and isinstance(dataset, LabeledSet):
+        values = {**values, "recipe": "last"}
+    kw = _hyperparameters(method, flags, values, given, preset)
+    kw.update(extra)
+    options: dict[str, Any] = {}
+    if "tuning" in flags.fit_options:
+        options["tuning"] = load_dataset(values["tuning"]) if values.get("tuning") else None
+    if "tuning_fraction" in flags.fit_options:
+        options["tuning_fraction"] = values.get("tuning_fraction")
+    if extra:  # a constructor may refuse a --hp value with a plain TypeError or ValueError
+        _check_constructs(lm, method, preset, kw)
+    return fit_method(lm, method, dataset, preset=preset, progress=True, fit_options=options,
+                      **kw)
 
+
+def _check_constructs(lm: Any, method: str, preset: str | None, kw: dict[str, Any]) -> None:
+    """Construct ``method`` with ``kw`` once, so that a bad ``--hp`` value is a one-line
+    error before any activation is collected."""
+    from steerlab.fitting import build_controller
+
+    try:
+        build_controller(method, lm, preset=preset, **kw)
+    except SteerlabError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SteerlabError(f"--hp: {method} refuses a value ({exc})") from exc
 
 
 def _fit_auto(lm: Any, method: str, data: str, limit: int, layer_list: list[int],
               given: set[str], options: dict[str, Any], *, recipe: str, scope: str,
-              preset: str | None, budget: float) -> Any:
+              preset: str | None, budget: float, extra: dict[str, Any] | None = None) -> Any:
     """``fit --auto``: :func:`steerlab.autotune.auto_fit` with the flags the user gave."""
     from steerlab.autotune import auto_fit
     from steerlab.data import load_dataset, sentiment_pairs
@@ -102,6 +204,7 @@ def _fit_auto(lm: Any, method: str, data: str, limit: int, layer_list: list[int]
     hp = {k: v for k, v in options.items() if k in given}
     if method == "innsteer" and "epochs" in hp:
         hp["warmup_epochs"] = min(60, int(hp["epochs"]) // 5)
+    hp.update(extra or {})
     return auto_fit(lm, method, dataset, layers=layer_list if "layers" in given else None,
                     budget=budget, progress=True,
                     recipe=recipe if "recipe" in given or method in LFS_METHODS else None,
@@ -162,6 +265,10 @@ def fit(
                        "given")] = False,
     budget: Annotated[float, typer.Option(
         help="--auto's fluency budget: mean next-token KL in nats")] = 0.25,
+    hp: Annotated[list[str] | None, typer.Option(
+        "--hp", help="a hyper-parameter of the method's constructor, NAME=VALUE (VALUE as "
+                     "JSON, else a string; repeatable); overrides the flags and the "
+                     "preset")] = None,
 ) -> None:
     """Fit a controller (caa, actadd, alqr, alqr_plus, spid, actadd_lfs, odesteer,
     step_odesteer, innsteer, sas, iti, repe, probe, mean_act, linear_act, mimic, angular) and
@@ -169,14 +276,13 @@ def fit(
     probe, the AcT maps, mimic) also take a labelled set (read at the last token)."""
     try:
         from steerlab import artifacts
-        from steerlab.data import ContrastiveSet, load_dataset, sentiment_pairs
-        from steerlab.fitting import fit_actadd, fit_caa
-        from steerlab.methods import CAA, ActAdd
 
         layer_list = parse_layers(layers)
         given = given_options(ctx)
+        extra = parse_hp(hp or [], method)
         preflight_fit(model, method, data, layer_list, given, scope=scope, limit=limit,
                       out=out, preset=preset, auto=auto)
+        given |= set(extra)
         if recipe is None:
             recipe = "last" if method in LFS_METHODS else "mean"
         lm = common._load(model)
@@ -188,86 +294,13 @@ def fit(
         if auto:
             controller: Any = _fit_auto(lm, method, data, limit, layer_list, given, options,
                                         recipe=recipe, scope=scope, preset=preset,
-                                        budget=budget)
-        elif method == "caa":
-            dataset = sentiment_pairs() if data == "sentiment" else load_dataset(data)
-            if not isinstance(dataset, ContrastiveSet):
-                raise SteerlabError(f"{data} is a labelled set; CAA needs contrastive pairs")
-            if limit:
-                dataset = dataset[:limit]
-            controller = fit_caa(
-                lm, dataset, _make(CAA, preset, given, layers=layer_list, recipe=recipe,
-                                   scope=scope))
-        elif method == "actadd":
-            controller = fit_actadd(
-                lm, ActAdd(layer=layer_list[0], positive=positive, negative=negative, scope=scope)
-            )
-        elif method in ("alqr", "alqr_plus", "spid", "actadd_lfs"):
-            from steerlab.fitting import fit_alqr, fit_lfs_baseline
-            from steerlab.methods import SPID, ActAddLFS, ALQRPlus
-            from steerlab.methods.alqr import ALQR
-
-            # contrastive pairs, or a labelled file: the paper's unpaired D+ / D− prompt sets
-            lfs_data = sentiment_pairs() if data == "sentiment" else load_dataset(data)
-            if limit:
-                lfs_data = lfs_data[:limit]
-            lfs_kw: dict[str, Any] = {"lambdas": lam, "recipe": recipe}
-            if method in ("alqr", "alqr_plus"):
-                cls = ALQR if method == "alqr" else ALQRPlus
-                controller = fit_alqr(lm, lfs_data, _make(cls, preset, given, q=q, r=r,
-                                                          q_f=q_f, keep_K=keep_k, **lfs_kw))
-            elif method == "spid":
-                controller = fit_lfs_baseline(lm, lfs_data, _make(SPID, preset, given,
-                                                                  **lfs_kw))
-            else:
-                controller = fit_lfs_baseline(lm, lfs_data, _make(
-                    ActAddLFS, preset, given, layers=layer_list, **lfs_kw))
-        elif method in ("odesteer", "step_odesteer"):
-            from steerlab.fitting import fit_odesteer
-            from steerlab.methods import ODESteer, StepODESteer
-
-            dataset_any = sentiment_pairs() if data == "sentiment" else load_dataset(data)
-            if limit:
-                dataset_any = dataset_any[:limit]
-            ode_cls = ODESteer if method == "odesteer" else StepODESteer
-            controller = fit_odesteer(lm, dataset_any, _make(
-                ode_cls, preset, given, layer=layer_list[0], scope=scope))
-        elif method == "innsteer":
-            from steerlab.fitting import fit_innsteer
-            from steerlab.methods import INNSteer
-
-            dataset_any = sentiment_pairs() if data == "sentiment" else load_dataset(data)
-            if limit:
-                dataset_any = dataset_any[:limit]
-            controller = fit_innsteer(lm, dataset_any, INNSteer(
-                layer=layer_list[0], scope=scope, epochs=epochs,
-                warmup_epochs=min(60, epochs // 5), direction=direction))  # type: ignore[arg-type]
-        elif method == "sas":
-            from steerlab.fitting import fit_sas
-            from steerlab.methods import SAS
-
-            if sae is None:
-                raise SteerlabError("SAS needs --sae FOLDER (train one: steerlab sae train)")
-            dataset = sentiment_pairs() if data == "sentiment" else load_dataset(data)
-            if not isinstance(dataset, ContrastiveSet):
-                raise SteerlabError(f"{data} is a labelled set; SAS needs contrastive pairs")
-            if limit:
-                dataset = dataset[:limit]
-            controller = fit_sas(lm, dataset, SAS(
-                layer=layer_list[0], sae=sae, tau=tau, recipe=recipe,  # type: ignore[arg-type]
-                embed_sae=embed_sae, scope=scope))
-        elif method in BASELINES:
-            controller = _fit_baseline(lm, method, data, limit, layer_list, recipe, scope,
-                                       preset=preset, given=given, top_k=top_k, alpha=alpha,
-                                       tuning=tuning, tuning_fraction=tuning_fraction,
-                                       variant=variant, angle=angle,
-                                       adaptive=adaptive, reg=reg)
+                                        budget=budget, extra=extra)
         else:
-            raise SteerlabError(
-                f"unknown method {method!r}; use caa, actadd, alqr, alqr_plus, spid, "
-                f"actadd_lfs, odesteer, step_odesteer, innsteer, sas, "
-                f"{', '.join(BASELINES)}"
-            )
+            values = {**options, "layers": layer_list, "layer": layer_list[0],
+                      "recipe": recipe, "scope": scope, "warmup_epochs": min(60, epochs // 5),
+                      "tuning": tuning, "tuning_fraction": tuning_fraction}
+            controller = _fit_by_name(lm, method, data, limit, values, given, extra,
+                                      preset=preset)
         path = artifacts.save(controller, out)
         console.print(f"[green]saved[/] {path}")
         console.print_json(json.dumps(controller.fit_info))

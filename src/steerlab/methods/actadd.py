@@ -17,7 +17,7 @@ the template's own tokens. The prompts are read without a chat template (as in t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -26,6 +26,8 @@ from steerlab.methods.additive import AdditiveController
 from steerlab.methods.base import StepContext
 from steerlab.methods.cast_cache import cached, cast_like
 from steerlab.methods.checks import check_finite
+from steerlab.methods.reading import Collected, ModelLayout, Reading, check_options
+from steerlab.models import ModelInfo
 from steerlab.sites import Site
 
 
@@ -66,6 +68,32 @@ class ActAdd(AdditiveController):
 
     def fit_sites(self) -> list[Site]:
         return [Site("resid_post", self.layer)]
+
+    def reading(self, model: ModelLayout, data: Any, **options: Any) -> Reading:
+        """Its own prompt pair at the steered block, read without a chat template (every
+        token for ``mode="positional"``, else the last); a data set is refused (it would be
+        silently ignored)."""
+        check_options(self.method, options)
+        if data is not None:
+            raise DataError(
+                "ActAdd is fitted from its own prompt pair (ActAdd(positive=..., "
+                "negative=...)), not from a data set: pass data=None (or fit CAA on the set)")
+        return Reading(sites=self.bind_sites(model),
+                       recipe="tokens" if self.mode == "positional" else "last",
+                       data="prompts", prompts=(self.positive, self.negative))
+
+    def fit_collected(self, collected: Collected) -> ActAdd:
+        site = collected.reading.sites[0]
+        pos, neg = collected.positive[site], collected.negative[site]
+        if pos.shape[0] == 0 or neg.shape[0] == 0:
+            raise DataError("ActAdd prompts produced no tokens")
+        return self.fit(pos, neg)
+
+    def record_fit(self, info: ModelInfo, collected: Collected,
+                   estimator_seconds: float) -> None:
+        self.model_info = info
+        self.fit_info["fit_seconds"] = round(
+            collected.seconds.get("collect", 0.0) + estimator_seconds, 3)
 
     def fit(self, positive: torch.Tensor, negative: torch.Tensor) -> ActAdd:
         """Learn from the two prompts' activations at the steered block, each ``(n_tokens, d)``

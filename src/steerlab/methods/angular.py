@@ -66,6 +66,7 @@ from steerlab.methods.checks import (
     layers_arg,
     two_class_rows,
 )
+from steerlab.methods.reading import Collected, ModelLayout, Reading
 from steerlab.methods.repe import top_component
 from steerlab.sites import Site
 
@@ -141,6 +142,25 @@ class AngularSteering(Controller):
         return [Site(self.site, layer) for layer in self.layers]
 
     # -- estimator -----------------------------------------------------------------------------
+    def reading(self, model: ModelLayout, data: Any, **options: Any) -> Reading:
+        """The class activations at every block of the steered sites' kind, read in one
+        pass: the steered sites' give the feature direction, all of them the contrast."""
+        reading = super().reading(model, data, **options)
+        kind = reading.sites[0].kind
+        reading.extras["steered"] = reading.sites
+        reading.sites = [Site(kind, i) for i in range(model.num_layers)]
+        return reading
+
+    def fit_collected(self, collected: Collected) -> AngularSteering:
+        """``fit`` at the steered sites, with the stack of every block's mean difference as
+        the contrast."""
+        pos, neg = collected.positive, collected.negative
+        contrast = torch.stack([pos[s].mean(0) - neg[s].mean(0)
+                                for s in collected.reading.sites])
+        steered = collected.reading.extras["steered"]
+        return self.fit({s: pos[s] for s in steered}, {s: neg[s] for s in steered},
+                        contrast=contrast)
+
     def fit(
         self,
         positive: dict[Site, torch.Tensor],

@@ -26,6 +26,7 @@ from steerlab.methods.checks import check_finite as check_finite
 from steerlab.methods.checks import check_positive as check_positive
 from steerlab.methods.checks import check_strength as check_strength
 from steerlab.methods.checks import two_class_rows as two_class_rows
+from steerlab.methods.reading import Collected, ModelLayout, Reading, check_options
 from steerlab.models import ModelInfo
 from steerlab.scope import LAST, TokenScope, parse_scope
 from steerlab.sites import Site
@@ -113,6 +114,54 @@ class Controller(ABC):
         if given is not None:
             return given
         return self.fit_options.get(name, default)
+
+    # -- the fit side: what to collect, and learning from it -------------------------------------
+    def fit_sites(self) -> list[Site]:
+        """The sites the fit reads (block indices as given: negative ones count from the end
+        of the model); a method that reads others overrides :meth:`reading`."""
+        raise SteeringError(f"{type(self).__name__} does not say which sites it reads: "
+                            f"override fit_sites() or reading()")
+
+    def bind_sites(self, model: ModelLayout, *, write_back: bool = True) -> list[Site]:
+        """:meth:`fit_sites` resolved against the model (a negative block index counts from
+        the end; SiteError when out of range). With ``write_back``, the resolved indices
+        replace the ``layers`` (or ``layer``) hyper-parameter, as the artifact records them."""
+        sites = model.resolve(self.fit_sites())
+        if write_back and hasattr(self, "layers"):
+            setattr(self, "layers", [s.layer for s in sites])  # noqa: B010 - not every method has it
+        elif write_back and hasattr(self, "layer") and sites:
+            setattr(self, "layer", sites[0].layer)  # noqa: B010
+        return sites
+
+    def reading(self, model: ModelLayout, data: Any, **options: Any) -> Reading:
+        """What to collect (see :mod:`steerlab.methods.reading`): by default, the positive
+        and negative class (a contrastive or a labelled set) at :meth:`bind_sites`, at the
+        ``recipe`` hyper-parameter's position (``last`` without one); no fit options."""
+        check_options(self.method, options)
+        return Reading(sites=self.bind_sites(model), recipe=getattr(self, "recipe", "last"),
+                       data="labelled")
+
+    def fit_collected(self: C, collected: Collected) -> C:
+        """Learn from what the driver collected: by default the model-free
+        ``fit(positive, negative)`` on the per-site class activations."""
+        fit = getattr(self, "fit", None)
+        if fit is None:
+            raise SteeringError(f"{type(self).__name__} has no fit(positive, negative): "
+                                f"override fit_collected()")
+        fit(collected.positive, collected.negative)
+        return self
+
+    def record_fit(self, info: ModelInfo, collected: Collected,
+                   estimator_seconds: float) -> None:
+        """What an artifact needs of a fit: the model, the data fingerprint, and in
+        ``fit_info`` the data's name, the position read and the times."""
+        self.model_info = info
+        self.data_fingerprint = collected.fingerprint
+        t_collect = collected.seconds.get("collect", 0.0)
+        self.fit_info.update(
+            data=collected.data_name, position=collected.position,
+            collect_seconds=round(t_collect, 3), estimator_seconds=round(estimator_seconds, 3),
+            fit_seconds=round(t_collect + estimator_seconds, 3))
 
     # -- what the runtime needs ----------------------------------------------------------------
     @property

@@ -27,7 +27,7 @@ behaviours, layer by layer).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -38,6 +38,8 @@ from steerlab.methods.additive import AdditiveController as AdditiveController
 from steerlab.methods.additive import Recipe as Recipe
 from steerlab.methods.base import Preset
 from steerlab.methods.checks import check_finite, check_recipe, check_site_kind, layers_arg
+from steerlab.methods.reading import Collected, ModelLayout, Reading
+from steerlab.models import ModelInfo
 from steerlab.sites import Site
 
 CAARecipe = Literal["ab", "last", "mean", "imported"]
@@ -90,6 +92,24 @@ class CAA(AdditiveController):
 
     def fit_sites(self) -> list[Site]:
         return [Site(self.site, layer) for layer in self.layers]
+
+    def reading(self, model: ModelLayout, data: Any, **options: Any) -> Reading:
+        """The class activations at the steered blocks; a labelled set is read at its
+        texts' last tokens (``recipe`` becomes ``"last"``)."""
+        from steerlab.data import LabeledSet
+
+        if isinstance(data, LabeledSet):
+            self.recipe = "last"
+        return super().reading(model, data, **options)
+
+    def record_fit(self, info: ModelInfo, collected: Collected,
+                   estimator_seconds: float) -> None:
+        self.model_info = info
+        self.data_fingerprint = collected.fingerprint
+        self.fit_info.update(
+            data=collected.data_name,
+            fit_seconds=round(collected.seconds.get("collect", 0.0) + estimator_seconds, 3),
+            render_mode=collected.render_mode, position=collected.position)
 
     def fit(
         self, positive: dict[Site, torch.Tensor], negative: dict[Site, torch.Tensor]

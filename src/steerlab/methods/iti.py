@@ -100,7 +100,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from steerlab.errors import DataError, SteeringError
+from steerlab.errors import DataError, SiteError, SteeringError
 from steerlab.methods.additive import AdditiveController
 from steerlab.methods.additive import Recipe as Recipe
 from steerlab.methods.base import Preset
@@ -112,175 +112,23 @@ from steerlab.methods.checks import (
     question_groups,
     two_class_rows,
 )
+
+# The head ranking and the splits live in methods/iti_tuning.py; they keep this import path.
+from steerlab.methods.iti_tuning import (
+    DEFAULT_ITI_TUNING_FRACTION as DEFAULT_ITI_TUNING_FRACTION,
+)
+from steerlab.methods.iti_tuning import _aheapsort as _aheapsort
+from steerlab.methods.iti_tuning import hold_out_questions, question_ids, tuning_texts
+from steerlab.methods.iti_tuning import rank_heads as rank_heads
+from steerlab.methods.iti_tuning import reference_argsort as reference_argsort
+from steerlab.methods.iti_tuning import split_questions as split_questions
+from steerlab.methods.iti_tuning import split_rows as split_rows
+from steerlab.methods.reading import Collected, ModelLayout, Reading, check_fraction, check_options
 from steerlab.sites import Site
 
 Direction = Literal["mass_mean", "probe"]
 DEFAULT_TOP_K = 48
 REFERENCE = "likenneth/honest_llama"
-
-# numpy's introsort (numpy/_core/src/npysort/quicksort.cpp, aquicksort_; the same in 1.23.4):
-# partitions longer than this many + 1 elements are split around a median of three.
-_SMALL_QUICKSORT = 15
-
-
-def _less(a: float, b: float) -> bool:
-    """numpy's float order: NaN after everything."""
-    return a < b or (b != b and a == a)
-
-
-def _aheapsort(v: list[float], idx: list[int], start: int, n: int) -> None:
-    """numpy's indirect heapsort (npysort_heapsort.h, aheapsort_) of idx[start:start + n]."""
-    def get(i: int) -> int:  # 1-based, as numpy's
-        return idx[start + i - 1]
-
-    def put(i: int, x: int) -> None:
-        idx[start + i - 1] = x
-
-    def sift(tmp: int, i: int, j: int, size: int) -> None:
-        while j <= size:
-            if j < size and _less(v[get(j)], v[get(j + 1)]):
-                j += 1
-            if _less(v[tmp], v[get(j)]):
-                put(i, get(j))
-                i, j = j, j + j
-            else:
-                break
-        put(i, tmp)
-
-    for top in range(n >> 1, 0, -1):
-        sift(get(top), top, top << 1, n)
-    while n > 1:
-        tmp = get(n)
-        put(n, get(1))
-        n -= 1
-        sift(tmp, 1, 2, n)
-
-
-def reference_argsort(values: Sequence[float] | np.ndarray) -> np.ndarray:
-    """``np.argsort(values)`` exactly as numpy 1.23.4, the reference's numpy
-    (``environment.yaml`` L142), computes it, ties included.
-
-    That is numpy's introsort, written here in Python: median-of-three quicksort on runs of
-    more than 16 elements, insertion sort below, heapsort once 2·⌊log₂ n⌋ partitions deep
-    (``quicksort.cpp`` ``aquicksort_``, unchanged since). Newer numpy sends ``np.argsort`` to a
-    SIMD sort on AVX-512 / AVX2 CPUs, which leaves equal values in another order; this gives
-    the same order on every machine. For n ≤ 16 it is a stable sort.
-    """
-    v = [float(x) for x in np.asarray(values, dtype=np.float64).reshape(-1)]
-    n = len(v)
-    idx = list(range(n))
-    if n < 2:
-        return np.array(idx, dtype=np.int64)
-
-    def swap(a: int, b: int) -> None:
-        idx[a], idx[b] = idx[b], idx[a]
-
-    stack: list[tuple[int, int, int]] = []
-    pl, pr = 0, n - 1
-    cdepth = 2 * (n.bit_length() - 1)
-    while True:
-        if cdepth < 0:
-            _aheapsort(v, idx, pl, pr - pl + 1)
-        else:
-            while pr - pl > _SMALL_QUICKSORT:
-                pm = pl + ((pr - pl) >> 1)
-                if _less(v[idx[pm]], v[idx[pl]]):
-                    swap(pm, pl)
-                if _less(v[idx[pr]], v[idx[pm]]):
-                    swap(pr, pm)
-                if _less(v[idx[pm]], v[idx[pl]]):
-                    swap(pm, pl)
-                vp = v[idx[pm]]
-                pi, pj = pl, pr - 1
-                swap(pm, pj)
-                while True:
-                    pi += 1
-                    while _less(v[idx[pi]], vp):
-                        pi += 1
-                    pj -= 1
-                    while _less(vp, v[idx[pj]]):
-                        pj -= 1
-                    if pi >= pj:
-                        break
-                    swap(pi, pj)
-                swap(pi, pr - 1)
-                cdepth -= 1
-                if pi - pl < pr - pi:  # the larger part waits on the stack
-                    stack.append((pi + 1, pr, cdepth))
-                    pr = pi - 1
-                else:
-                    stack.append((pl, pi - 1, cdepth))
-                    pl = pi + 1
-            for pi in range(pl + 1, pr + 1):  # insertion sort
-                vi = idx[pi]
-                vp = v[vi]
-                pj = pi
-                while pj > pl and _less(vp, v[idx[pj - 1]]):
-                    idx[pj] = idx[pj - 1]
-                    pj -= 1
-                idx[pj] = vi
-        if not stack:
-            break
-        pl, pr, cdepth = stack.pop()
-    return np.array(idx, dtype=np.int64)
-
-
-def rank_heads(accuracy: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Flat head indices, best first, as honest_llama ranks them (``utils.py`` L714,
-    ``np.argsort(acc)[::-1]``): by accuracy, highest first; equal accuracies in the reverse of
-    :func:`reference_argsort`'s order (for up to 16 heads: the later flat index first)."""
-    return reference_argsort(accuracy)[::-1].copy()
-
-
-def split_questions(
-    positive_groups: Sequence[Hashable], negative_groups: Sequence[Hashable],
-    val_fraction: float, seed: int,
-) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Split rows by question, as honest_llama does (``validation/validate_2fold.py``
-    L143-144, ``utils.py`` L687-690).
-
-    The rows are the positive rows then the negative rows (indices 0 … N₊ − 1, then
-    N₊ … N₊ + N₋ − 1); ``*_groups`` give each row's question. The G questions are numbered in
-    order of first appearance (positives, then negatives);
-    ``RandomState(seed).choice(G, int(G·(1 − val_fraction)), replace=False)`` are the training
-    questions, in that order, the rest the validation questions, in ascending order. Each
-    question contributes its positive rows, then its negative rows, in their order.
-
-    Returns (train rows, validation rows, training questions, validation questions).
-    """
-    number: dict[Hashable, int] = {}
-    for g in (*positive_groups, *negative_groups):
-        number.setdefault(g, len(number))
-    n_q = len(number)
-    n_train = int(n_q * (1 - val_fraction))
-    if n_train < 1 or n_train >= n_q:
-        raise DataError(
-            f"{n_q} question(s) cannot be split into training and validation questions with "
-            f"val_fraction={val_fraction} (int({n_q}·(1 − {val_fraction})) = {n_train} "
-            f"training questions); ITI needs at least one of each"
-        )
-    train_q = np.random.RandomState(seed).choice(n_q, size=n_train, replace=False)
-    in_train = {int(q) for q in train_q}
-    val_q = [q for q in range(n_q) if q not in in_train]
-    rows: list[list[int]] = [[] for _ in range(n_q)]
-    for i, g in enumerate(positive_groups):
-        rows[number[g]].append(i)
-    offset = len(positive_groups)
-    for i, g in enumerate(negative_groups):
-        rows[number[g]].append(offset + i)
-    train = np.array([r for q in train_q for r in rows[int(q)]], dtype=np.int64)
-    val = np.array([r for q in val_q for r in rows[q]], dtype=np.int64)
-    return train, val, n_train, len(val_q)
-
-
-def split_rows(n: int, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray,
-                                                                               np.ndarray]:
-    """(train, validation) row indices of one class: a permutation from ``rng``, its last
-    round(val_fraction·n) entries (clamped to 1 … n−1) for validation."""
-    perm = rng.permutation(n)
-    n_val = min(max(round(n * val_fraction), 1), n - 1)
-    return perm[: n - n_val], perm[n - n_val:]
-
 
 class ITI(AdditiveController):
     """Inference-Time Intervention; see the module docstring for the equations.
@@ -371,6 +219,69 @@ class ITI(AdditiveController):
                 "list(range(num_layers))) before collecting, or use the fitting helper"
             )
         return [Site("heads", layer) for layer in self.layers]
+
+    # -- the fit side --------------------------------------------------------------------------
+    def reading(self, model: ModelLayout, data: Any, *, tuning: Any = None,
+                tuning_fraction: float | None = None, **options: Any) -> Reading:
+        """Per-head attention outputs (``heads.L``) of every chosen block (all blocks when
+        ``layers`` is None) for both classes, and the rows σ comes from. Fit options:
+        ``tuning`` (a contrastive set: both completions; a labelled set or plain strings:
+        the texts as they are, at the last token) or ``tuning_fraction`` of the data's
+        questions held out for σ (default: the preset's, else 0.2; see
+        :func:`~steerlab.methods.iti_tuning.hold_out_questions`); ``tuning_fraction=0``, or
+        data of fewer than 3 questions (with a warning), takes σ from the probe rows."""
+        import warnings
+
+        from steerlab.data import ContrastiveSet, LabeledSet
+
+        check_options(self.method, options, ("tuning", "tuning_fraction"))
+        if tuning is not None and tuning_fraction is not None:
+            raise DataError("give tuning= (a tuning set) or tuning_fraction= (a held-out slice "
+                            "of the data), not both")
+        fraction = check_fraction("tuning_fraction", self.fit_option(
+            "tuning_fraction", tuning_fraction, DEFAULT_ITI_TUNING_FRACTION))
+        if isinstance(tuning, str) or (tuning is not None and not isinstance(
+                tuning, (ContrastiveSet, LabeledSet, Sequence))):
+            raise DataError(f"tuning must be a contrastive set, a labelled set or a list of "
+                            f"texts, got {type(tuning).__name__}")
+        if self.layers is None:
+            self.layers = list(range(model.num_layers))
+        sites = self.bind_sites(model)  # SiteError: no heads
+        if model.head_dim is None:
+            raise SiteError(f"{model.info.model_id}: the head width is unknown, so ITI cannot "
+                            f"address single heads")
+        probe_data, held, n_held = data, tuning, 0
+        if tuning is None and fraction > 0.0:
+            probe_data, held, n_held = hold_out_questions(data, fraction, self.seed)
+            if held is None:
+                warnings.warn(f"ITI: {data.name!r} has too few questions to hold out a tuning "
+                              f"set for σ; σ comes from the probe rows (give tuning= to avoid "
+                              f"this)", stacklevel=4)
+        reading = Reading(sites=sites, recipe=self.recipe, data="labelled", sets=[probe_data],
+                          extras={"head_dim": model.head_dim,
+                                  "groups": question_ids(probe_data)})
+        reading.extras["fit_info"] = dict(
+            tuning="given" if tuning is not None else "held-out" if held is not None
+            else "probe rows",
+            tuning_fraction=None if tuning is not None else fraction,
+            n_tuning_questions=n_held if tuning is None and held is not None else None)
+        if isinstance(held, ContrastiveSet):
+            reading.tuning_sets["tuning"] = held
+        elif held is not None:
+            reading.texts["tuning"] = tuning_texts(held, self.recipe)
+        return reading
+
+    def fit_collected(self, collected: Collected) -> ITI:
+        """``fit`` with the head width, the tuning rows and the question ids; ``fit_info``
+        records where σ came from."""
+        tuning = collected.extra.get("tuning")
+        if isinstance(tuning, tuple):
+            tuning = {s: torch.cat([tuning[0][s], tuning[1][s]]) for s in collected.reading.sites}
+        extras = collected.reading.extras
+        self.fit(collected.positive, collected.negative, head_dim=extras["head_dim"],
+                 tuning=tuning, groups=extras["groups"])
+        self.fit_info.update(extras["fit_info"])
+        return self
 
     # -- fit -----------------------------------------------------------------------------------
     def fit(

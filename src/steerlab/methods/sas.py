@@ -59,6 +59,8 @@ from steerlab.methods.checks import (
     check_tau,
     check_width,
 )
+from steerlab.methods.reading import Collected, ModelLayout, Reading, check_options
+from steerlab.models import ModelInfo
 from steerlab.sae import SAEConfig, SparseAutoencoder, load_saelens
 from steerlab.sites import Site
 
@@ -146,6 +148,28 @@ class SAS(Controller):
         if self.sae is None:
             raise SteeringError("SAS needs an SAE: pass sae= (an SAE or a SAELens folder)")
         return self.sae
+
+    def reading(self, model: ModelLayout, data: Any, **options: Any) -> Reading:
+        """The positive and negative examples of a contrastive set at the SAE's site, at the
+        recipe's position (as CAA reads them); an SAE of another width is refused first."""
+        check_options(self.method, options)
+        sites = self.bind_sites(model, write_back=False)
+        sae = self._require_sae()
+        if sae.config.d_in != model.hidden_size:
+            raise DataError(f"the SAE reads width {sae.config.d_in} but {model.info.model_id} "
+                            f"has hidden size {model.hidden_size}")
+        return Reading(sites=sites, recipe=self.recipe, data="pairs")
+
+    def fit_collected(self, collected: Collected) -> Self:
+        site = collected.reading.sites[0]
+        return self.fit(collected.positive[site], collected.negative[site])
+
+    def record_fit(self, info: ModelInfo, collected: Collected,
+                   estimator_seconds: float) -> None:
+        self.model_info = info
+        self.data_fingerprint = collected.fingerprint
+        self.fit_info.update(data=collected.data_name,
+                             collect_seconds=round(collected.seconds.get("collect", 0.0), 3))
 
     def fit(self, positive: torch.Tensor, negative: torch.Tensor) -> Self:
         """Build v from positive (N⁺, d) and negative (N⁻, d) activations at the site."""

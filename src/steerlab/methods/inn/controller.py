@@ -25,6 +25,14 @@ from steerlab.methods.checks import (
     splittable_rows,
 )
 from steerlab.methods.inn.flow import MASKS, LatentFlow, MaskKind
+from steerlab.methods.reading import (
+    Collected,
+    ModelLayout,
+    Reading,
+    check_options,
+    split_classes,
+)
+from steerlab.models import ModelInfo
 from steerlab.sites import Site
 
 Separation = Literal["logistic", "margin"]
@@ -177,6 +185,50 @@ class INNSteer(Controller):
         if self.logdet_weight:
             loss = loss + self.logdet_weight * (ladj / d).pow(2).mean()
         return loss, sep
+
+    # -- the fit side --------------------------------------------------------------------------
+    def reading(self, model: ModelLayout, data: Any, *, test_fraction: float = 0.2,
+                seed: int = 0, **options: Any) -> Reading:
+        """Last-token activations of both classes at the site. Fit options: the flow is
+        trained on a train split seeded with ``seed``; on the rest (``test_fraction`` of each
+        class) ``fit_info`` records held-out probe accuracies on the raw activations, on the
+        latents z = φ(h) and of the jointly trained latent probe."""
+        check_options(self.method, options, ("test_fraction", "seed"))
+        return Reading(sites=self.bind_sites(model, write_back=False), recipe="last",
+                       data="labelled", options={"test_fraction": test_fraction, "seed": seed})
+
+    def fit_collected(self, collected: Collected) -> Self:
+        """``fit`` on the train rows; the held-out figures go to ``figures``."""
+        site = collected.reading.sites[0]
+        seed = collected.reading.options["seed"]
+        (pos_tr, pos_te), (neg_tr, neg_te) = split_classes(
+            collected.positive[site], collected.negative[site],
+            collected.reading.options["test_fraction"], seed)
+        t0 = time.perf_counter()
+        self.fit(pos_tr, neg_tr, progress=collected.progress)
+        collected.seconds["estimator"] = time.perf_counter() - t0
+        fi = collected.figures
+        fi["n_train"] = [int(pos_tr.shape[0]), int(neg_tr.shape[0])]
+        if pos_te.shape[0] and neg_te.shape[0]:
+            fi["n_heldout"] = [int(pos_te.shape[0]), int(neg_te.shape[0])]
+            fi["heldout_raw_probe_accuracy"] = round(
+                linear_probe_accuracy(pos_tr, neg_tr, pos_te, neg_te, seed=seed), 4)
+            zs = [self.encode(x) for x in (pos_tr, neg_tr, pos_te, neg_te)]
+            fi["heldout_latent_probe_accuracy"] = round(linear_probe_accuracy(*zs, seed=seed),
+                                                        4)
+            if self.probe_weight is not None:
+                fi["heldout_joint_probe_accuracy"] = round(self.probe_accuracy(pos_te, neg_te),
+                                                           4)
+        return self
+
+    def record_fit(self, info: ModelInfo, collected: Collected,
+                   estimator_seconds: float) -> None:
+        self.model_info = info
+        self.data_fingerprint = collected.fingerprint
+        self.fit_info.update(data=collected.data_name,
+                             collect_seconds=round(collected.seconds.get("collect", 0.0), 3),
+                             flow_fit_seconds=round(estimator_seconds, 3))
+        self.fit_info.update(collected.figures)
 
     def fit(self, positive: torch.Tensor, negative: torch.Tensor, *,
             progress: bool = False) -> Self:

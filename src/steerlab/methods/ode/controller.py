@@ -33,6 +33,15 @@ from steerlab.methods.ode.features import (
     RandomFourierFeatures,
     median_gamma,
 )
+from steerlab.methods.reading import (
+    Collected,
+    ModelLayout,
+    Reading,
+    check_fraction,
+    check_options,
+    split_classes,
+)
+from steerlab.models import ModelInfo
 from steerlab.sites import Site
 
 # The reference code: github.com/ZhaoHongjue/odesteer at 08cbc11 (file:line below).
@@ -147,6 +156,54 @@ class _ODEBase(Controller):
     def fit_sites(self) -> list[Site]:
         """The one site whose activations :meth:`fit` expects (and :meth:`steer` steers)."""
         return [Site(self.site, self.layer)]
+
+    # -- the fit side --------------------------------------------------------------------------
+    def reading(self, model: ModelLayout, data: Any, *, test_fraction: float | None = None,
+                seed: int = 0, **options: Any) -> Reading:
+        """Last-token activations of both classes at the site. Fit options:
+        ``test_fraction`` of each class (default: the preset's, else 0.2) held out by a
+        split seeded with ``seed`` for ``fit_info["heldout_accuracy"]``; with 0 every row is
+        fitted on, in order (the ``paper`` preset's)."""
+        check_options(self.method, options, ("test_fraction", "seed"))
+        fraction = check_fraction("test_fraction",
+                                  self.fit_option("test_fraction", test_fraction, 0.2))
+        return Reading(sites=self.bind_sites(model, write_back=False), recipe="last",
+                       data="labelled", options={"test_fraction": fraction, "seed": seed})
+
+    def fit_collected(self, collected: Collected) -> Self:
+        """``fit`` on the train rows; the held-out rows' accuracy goes to ``figures``."""
+        site = collected.reading.sites[0]
+        fraction = collected.reading.options["test_fraction"]
+        pos, neg = collected.positive[site], collected.negative[site]
+        if fraction == 0.0:
+            (pos_tr, pos_te), (neg_tr, neg_te) = (pos, pos[:0]), (neg, neg[:0])
+        else:
+            (pos_tr, pos_te), (neg_tr, neg_te) = split_classes(
+                pos, neg, fraction, collected.reading.options["seed"])
+        t0 = time.perf_counter()
+        self.fit(pos_tr, neg_tr)
+        collected.seconds["estimator"] = time.perf_counter() - t0
+        figures = collected.figures
+        figures.update(test_fraction=fraction,
+                       n_train=[int(pos_tr.shape[0]), int(neg_tr.shape[0])])
+        if pos_te.shape[0] and neg_te.shape[0]:
+            figures["heldout_accuracy"] = round(float(self.barrier_accuracy(pos_te, neg_te)), 4)
+            figures["n_heldout"] = [int(pos_te.shape[0]), int(neg_te.shape[0])]
+        return self
+
+    def record_fit(self, info: ModelInfo, collected: Collected,
+                   estimator_seconds: float) -> None:
+        self.model_info = info
+        self.data_fingerprint = collected.fingerprint
+        figures = dict(collected.figures)
+        self.fit_info.update(
+            data=collected.data_name,
+            collect_seconds=round(collected.seconds.get("collect", 0.0), 3),
+            barrier_fit_seconds=round(estimator_seconds, 3),
+            test_fraction=figures.pop("test_fraction"), n_train=figures.pop("n_train"))
+        for key in ("heldout_accuracy", "n_heldout"):
+            self.fit_info.pop(key, None)
+        self.fit_info.update(figures)
 
     def _set_barrier(self, barrier: Barrier, sites: list[Site]) -> None:
         self.barrier = barrier

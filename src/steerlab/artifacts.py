@@ -116,7 +116,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_metadata(meta: dict[str, Any], *, source: str = "artifact") -> None:
+def check_metadata(meta: dict[str, Any], *, source: str = "artifact") -> None:  # noqa: C901
     """Check the types of an artifact's metadata fields (raises :class:`ArtifactError`
     naming the field), so that a malformed header fails here with a message, not later in
     whatever reads the field."""
@@ -185,7 +185,7 @@ def _dry_order(site: Site) -> tuple[int, int]:
     return site.layer, {"resid_pre": 0, "heads": 1, "resid_post": 2}[site.kind]
 
 
-def check_controller(controller: Controller, *, num_layers: int | None,
+def check_controller(controller: Controller, *, num_layers: int | None,  # noqa: C901
                      width: Callable[[Site], int | None],
                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                      source: str = "artifact") -> None:

@@ -126,7 +126,7 @@ class ControlVectorFile:
         return int(next(iter(self.directions.values())).shape[0])
 
 
-def _prepare_directions(
+def _prepare_directions(  # noqa: C901
     directions: Mapping[int, torch.Tensor], scale: float
 ) -> dict[int, np.ndarray[Any, np.dtype[np.float32]]]:
     """Validate and convert to contiguous little-endian float32 arrays, sorted by block."""
@@ -295,7 +295,7 @@ def _block_from_name(name: str, path: Path) -> int:
     return block
 
 
-def import_control_vector(path: str | os.PathLike[str]) -> ControlVectorFile:
+def import_control_vector(path: str | os.PathLike[str]) -> ControlVectorFile:  # noqa: C901
     """Read a llama.cpp / repeng GGUF control vector.
 
     Returns a :class:`ControlVectorFile` whose keys are the 0-based decoder blocks whose

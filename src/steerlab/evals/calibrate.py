@@ -91,7 +91,7 @@ class CalibrationResult:
         return d
 
 
-def calibrate(
+def calibrate(  # noqa: C901
     lm: LoadedModel,
     method_or_controller: Any,
     task: Task,

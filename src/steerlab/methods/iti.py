@@ -284,7 +284,7 @@ class ITI(AdditiveController):
         return self
 
     # -- fit -----------------------------------------------------------------------------------
-    def fit(
+    def fit(  # noqa: C901
         self,
         positive: dict[Site, torch.Tensor],
         negative: dict[Site, torch.Tensor],

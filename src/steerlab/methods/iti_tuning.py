@@ -54,7 +54,7 @@ def _aheapsort(v: list[float], idx: list[int], start: int, n: int) -> None:
         sift(tmp, 1, 2, n)
 
 
-def reference_argsort(values: Sequence[float] | np.ndarray) -> np.ndarray:
+def reference_argsort(values: Sequence[float] | np.ndarray) -> np.ndarray:  # noqa: C901
     """``np.argsort(values)`` exactly as numpy 1.23.4, the reference's numpy
     (``environment.yaml`` L142), computes it, ties included.
 

@@ -61,7 +61,7 @@ class SAEConfig:
     jumprelu_bandwidth: float = 0.001
     apply_b_dec_to_input: bool = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901
         for name in ("d_in", "d_sae"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:

@@ -130,7 +130,7 @@ def _key(lm: LoadedModel, texts: Sequence[str], site: Site, max_tokens: int,
     return h.hexdigest()[:24]
 
 
-def corpus_activations(
+def corpus_activations(  # noqa: C901
     lm: LoadedModel,
     texts: Sequence[str],
     site: Site | str,

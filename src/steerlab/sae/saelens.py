@@ -192,7 +192,7 @@ def _read_cfg(cfg_path: Path) -> dict[str, Any]:
     return cfg
 
 
-def load_saelens(folder: str | os.PathLike[str], *,
+def load_saelens(folder: str | os.PathLike[str], *,  # noqa: C901
                  device: str | torch.device = "cpu") -> SparseAutoencoder:
     """Load a SAELens SAE folder (``cfg.json`` + ``sae_weights.safetensors``).
 

@@ -187,7 +187,7 @@ def _initial_sae(config: SAEConfig, init: SparseAutoencoder | None, mean: torch.
     return sae.normalize_decoder_()
 
 
-def train_sae(
+def train_sae(  # noqa: C901
     activations: Activations,
     config: SAEConfig,
     *,

@@ -165,7 +165,7 @@ class ControllerRegistry:
                                 source=f"controller {name!r} ({served.path})")
 
     @classmethod
-    def from_dir(cls, folder: str | os.PathLike[str], info: ModelInfo | None = None, *,
+    def from_dir(cls, folder: str | os.PathLike[str], info: ModelInfo | None = None, *,  # noqa: C901
                  strict: bool = True, max_strength: float = DEFAULT_MAX_STRENGTH,
                  max_steers: int = 8, lm: LoadedModel | None = None,
                  strict_controllers: bool = False,

@@ -230,7 +230,7 @@ class INNSteer(Controller):
                              flow_fit_seconds=round(estimator_seconds, 3))
         self.fit_info.update(collected.figures)
 
-    def fit(self, positive: torch.Tensor, negative: torch.Tensor, *,
+    def fit(self, positive: torch.Tensor, negative: torch.Tensor, *,  # noqa: C901
             progress: bool = False) -> Self:
         """Train φ on positive (N₊, d) and negative (N₋, d) activations at the site."""
         start = time.perf_counter()

@@ -124,6 +124,16 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, left: 
         print(fmt(row))
 
 
+def print_behaviour_table(rows: Sequence[Mapping[str, Any]], width: int, *,
+                          primary: str = "vader", label: str = "VADER") -> None:
+    """The behaviour-vs-fluency rows of ``steerlab.evals.compare.compare_configs`` (or
+    ``sentiment_sweep``): config, primary metric, its shift, perplexity and its ratio."""
+    print(f"  {'config':{width}s} {label:>7s} {'shift':>7s} {'ppl':>6s} {'ratio':>6s}")
+    for r in rows:
+        print(f"  {r['config']:{width}s} {r[primary]:+7.3f} {r['shift']:+7.3f} "
+              f"{r['ppl']:6.2f} {r['ppl_ratio']:6.2f}")
+
+
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path is None:
         return

@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
+from _common import print_behaviour_table
 from steerlab.data import neutral_prompts, sentiment_pairs
 from steerlab.diagnostics.setpoint import setpoint_trace
-from steerlab.evals.metrics import sentiment_sweep
+from steerlab.evals.compare import sentiment_sweep
 from steerlab.fitting import fit_alqr, fit_caa, fit_lfs_baseline
 from steerlab.methods import ALQR, CAA, ActAddLFS
 from steerlab.models import load_model
@@ -95,10 +96,7 @@ def main() -> None:
                             verbose=True)
     out["behaviour"] = table
     print(f"\nbehaviour on {len(prompts)} neutral prompts, {args.new_tokens} greedy tokens:")
-    print(f"  {'config':34s} {'VADER':>7s} {'shift':>7s} {'ppl':>6s} {'ratio':>6s}")
-    for r in table:
-        print(f"  {r['config']:34s} {r['vader']:+7.3f} {r['shift']:+7.3f} {r['ppl']:6.2f} "
-              f"{r['ppl_ratio']:6.2f}")
+    print_behaviour_table(table, 34)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(out, f, indent=1)

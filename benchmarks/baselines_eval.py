@@ -35,7 +35,8 @@ from typing import Any
 from _common import command_line, machine_facts, print_header
 from steerlab.data import ContrastiveSet, load_caa_ab, neutral_prompts, sentiment_pairs
 from steerlab.evals.ab import ab_match_probability
-from steerlab.evals.metrics import next_token_kl, sentiment_sweep
+from steerlab.evals.compare import sentiment_sweep, strength_configs
+from steerlab.evals.metrics import next_token_kl
 from steerlab.fitting import fit_method
 from steerlab.methods import Controller
 from steerlab.models import LoadedModel, load_model
@@ -102,7 +103,7 @@ def main() -> None:
               f"{len(prompts)} neutral prompts x {args.new_tokens} greedy tokens")
         for m in args.methods:
             c = fit_timed(lm, m, data, args.layer, "last", "all")
-            configs = [(f"{NAMES[m]} x{s:g}", [Steer(c, s)]) for s in GRIDS[m]]
+            configs = strength_configs(c, GRIDS[m], NAMES[m] + " x{s:g}")
             rows = sentiment_sweep(lm, prompts, configs, max_new_tokens=args.new_tokens,
                                    verbose=True)
             for r, s in zip(rows[1:], GRIDS[m], strict=True):

@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import print_behaviour_table
 from steerlab.data import LabeledSet, load_truthfulqa_labeled, neutral_prompts, sentiment_pairs
-from steerlab.evals.metrics import sentiment_sweep
+from steerlab.evals.compare import sentiment_sweep, strength_configs
 from steerlab.fitting import fit_caa, fit_innsteer
 from steerlab.methods import CAA
 from steerlab.methods.inn import INNSteer
 from steerlab.models import load_model
-from steerlab.runtime import Steer
 
 DEFAULT_TQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa" / \
     "TruthfulQA.csv"
@@ -76,20 +76,14 @@ def main() -> None:
                   progress=False)
     out["sentiment_flow"] = {k: inn_s.fit_info.get(k) for k in KEYS}
     print(f"sentiment flow: {out['sentiment_flow']}")
-    configs: list[tuple[str, list[Steer]]] = []
-    for lam in args.lam:
-        configs.append((f"INNSteer lam={lam:g}", [Steer(inn_s, lam)]))
-    for s in args.caa:
-        configs.append((f"CAA x{s:g}", [Steer(caa, s)]))
+    configs = (strength_configs(inn_s, args.lam, "INNSteer lam={s:g}")
+               + strength_configs(caa, args.caa, "CAA x{s:g}"))
     prompts = neutral_prompts()
     table = sentiment_sweep(lm, prompts, configs, max_new_tokens=args.new_tokens, verbose=True)
     out["behaviour"] = table
     print(f"\nbehaviour on {len(prompts)} neutral prompts, {args.new_tokens} greedy tokens, "
           f"block {args.layer}, scope {args.scope}:")
-    print(f"  {'config':28s} {'VADER':>7s} {'shift':>7s} {'ppl':>6s} {'ratio':>6s}")
-    for r in table:
-        print(f"  {r['config']:28s} {r['vader']:+7.3f} {r['shift']:+7.3f} {r['ppl']:6.2f} "
-              f"{r['ppl_ratio']:6.2f}")
+    print_behaviour_table(table, 28)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=1))
 

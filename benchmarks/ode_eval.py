@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import print_behaviour_table
 from steerlab.data import LabeledSet, load_truthfulqa_labeled, neutral_prompts, sentiment_pairs
-from steerlab.evals.metrics import sentiment_sweep
+from steerlab.evals.compare import sentiment_sweep
 from steerlab.fitting import fit_caa, fit_odesteer
 from steerlab.methods import CAA
 from steerlab.methods.ode import ODESteer, StepODESteer
@@ -82,10 +83,7 @@ def main() -> None:
     out["behaviour"] = table
     print(f"\nbehaviour on {len(prompts)} neutral prompts, {args.new_tokens} greedy tokens, "
           f"block {args.layer}, scope last (the paper's):")
-    print(f"  {'config':36s} {'VADER':>7s} {'shift':>7s} {'ppl':>6s} {'ratio':>6s}")
-    for r in table:
-        print(f"  {r['config']:36s} {r['vader']:+7.3f} {r['shift']:+7.3f} {r['ppl']:6.2f} "
-              f"{r['ppl_ratio']:6.2f}")
+    print_behaviour_table(table, 36)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=1))
 

@@ -20,14 +20,16 @@ is fitted on the train part, and generation is evaluated on the held-out pairs' 
 rendered with steerlab's chat renderer, left-padded in one batch, greedy,
 ``--new-tokens`` new tokens (:func:`generate_under`: the code path of
 ``steerlab.runtime.generate``, with the library's own steering context around
-``model.generate``). Per text set:
+``model.generate``). Every text set is measured by steerlab's evaluation stack, the
+``steerlab.evals.tasks.Sentiment`` task over these prompts (``Sentiment.measure``):
 
-* behaviour: mean VADER compound (``steerlab.evals.judges.vader_compound``), and its
-  change from the unsteered answers;
+* behaviour: mean VADER compound (the task's judge,
+  ``steerlab.evals.judges.vader_compound``), and its change from the unsteered answers;
 * fluency: perplexity of the answers given their prompts under the *unsteered* model
-  (``steerlab.evals.metrics.conditional_perplexity``), as a ratio to the unsteered answers';
-* degenerate fraction: the share of answers that are empty (after ``strip``) or whose
-  4-gram repetition rate (``steerlab.evals.fluency.repetition_rate([text])``) exceeds 0.5.
+  (the task's fluency, ``steerlab.evals.metrics.conditional_perplexity`` in batches of 8),
+  as a ratio to the unsteered answers';
+* degenerate fraction (``steerlab.evals.fluency.degenerate_fraction``): the share of answers
+  that are empty (after ``strip``) or whose own 4-gram repetition rate exceeds 0.5.
 
 The **best change** of a configuration family in a direction is the largest change in that
 direction among its points steered that way (strengths of that sign) with perplexity ratio
@@ -111,9 +113,8 @@ from _common import command_line, load_average, machine_facts, print_header, pri
 from steerlab import artifacts
 from steerlab.data import ContrastiveSet, Renderer, load_caa_ab, sentiment_pairs
 from steerlab.evals.ab import ab_scores
-from steerlab.evals.fluency import repetition_rate
-from steerlab.evals.judges import vader_compound
-from steerlab.evals.metrics import conditional_perplexity
+from steerlab.evals.fluency import degenerate_fraction
+from steerlab.evals.tasks import Sentiment
 from steerlab.fitting import fit_method
 from steerlab.methods import METHODS
 from steerlab.models import LoadedModel, load_model
@@ -122,7 +123,6 @@ from steerlab.runtime import Steer, generate, steering, tokenize_prompts
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 INSTALL = "pip install --no-deps steering-vectors==0.12.2 repeng==0.4.0"
-DEGENERATE_REPETITION = 0.5
 AB_AUTO_DEFAULT = ("caa", "alqr", "odesteer")
 
 
@@ -180,20 +180,14 @@ def generate_under(lm: LoadedModel, prompts: Sequence[str],
                                           skip_special_tokens=True))
 
 
-def is_degenerate(text: str) -> bool:
-    """Empty, or a 4-gram repetition rate above 0.5 (defined once, for every library)."""
-    return not text.strip() or repetition_rate([text]) > DEGENERATE_REPETITION
-
-
-def text_metrics(lm: LoadedModel, prompts: Sequence[str], texts: Sequence[str]) -> dict[str, Any]:
-    """VADER mean, perplexity under the (unsteered) model, degenerate fraction."""
-    try:
-        ppl = conditional_perplexity(lm, prompts, texts)
-    except Exception:  # every answer empty
-        ppl = math.inf
-    vader = vader_compound(texts)
-    return {"vader": sum(vader) / len(vader), "ppl": ppl,
-            "degenerate": sum(is_degenerate(t) for t in texts) / len(texts)}
+def text_metrics(task: Sentiment, lm: LoadedModel, prompts: Sequence[str],
+                 texts: Sequence[str]) -> dict[str, Any]:
+    """VADER mean, perplexity under the (unsteered) model (inf when every answer is empty)
+    and degenerate fraction of answers generated here, as the task measures them (the same
+    rules for every library)."""
+    m = task.measure(lm, prompts, texts)
+    ppl = math.inf if math.isnan(m["ppl"]) else m["ppl"]
+    return {"vader": m["vader"], "ppl": ppl, "degenerate": degenerate_fraction(texts)}
 
 
 @contextlib.contextmanager
@@ -635,6 +629,8 @@ def main() -> None:
     if not args.skip_sentiment:
         train, test = sentiment_pairs().split(test_fraction=args.test_fraction, seed=0)
         prompts = [q.prompt for q in test]
+        judge = Sentiment(prompts=prompts, max_new_tokens=args.new_tokens,
+                          batch_size=len(prompts), ppl_batch_size=8)
         print(f"\n## sentiment: fit on {len(train)} pairs, {len(prompts)} held-out prompts x "
               f"{args.new_tokens} greedy tokens")
         base = store.get("sentiment|unsteered")
@@ -644,7 +640,7 @@ def main() -> None:
                            batch_size=len(prompts))
             base = {"key": "sentiment|unsteered", "texts": texts,
                     "same_as_runtime_generate": texts == ref,
-                    **text_metrics(lm, prompts, texts)}
+                    **text_metrics(judge, lm, prompts, texts)}
             store.put(base)
         print(f"  unsteered: VADER {base['vader']:+.3f}, ppl {base['ppl']:.3f}, degenerate "
               f"{base['degenerate']:.2f}; generate_under == steerlab.runtime.generate: "
@@ -655,7 +651,7 @@ def main() -> None:
             if steers is not None:
                 ctx = functools.partial(steering, lm, steers)
             texts = generate_under(lm, prompts, ctx, args.new_tokens)
-            m = text_metrics(lm, prompts, texts)
+            m = text_metrics(judge, lm, prompts, texts)
             return {**m, "change": m["vader"] - base["vader"],
                     "ppl_ratio": m["ppl"] / base["ppl"], "example": texts[0][:120],
                     "texts": texts}

@@ -28,7 +28,7 @@ from typing import Any
 from steerlab.corpus import corpus_activations, load_corpus
 from steerlab.data import load_caa_ab, neutral_prompts, sentiment_pairs
 from steerlab.evals.ab import ab_match_probability
-from steerlab.evals.metrics import sentiment_sweep
+from steerlab.evals.compare import format_row, sentiment_sweep, strength_configs
 from steerlab.evals.sae import spliced_loss
 from steerlab.fitting import fit_caa, fit_sas
 from steerlab.methods import CAA, SAS
@@ -109,10 +109,8 @@ def main() -> None:
         sas = fit_sas(lm, pairs, SAS(args.layer, sae=sae, tau=args.tau, recipe="last",
                                      scope="all"), progress=False)
         out["sas_features"][f"{w}x sentiment"] = sas.fit_info["n_features"]
-        for lam in args.sas:
-            configs.append((f"SAS {w}x lam={lam:g}", [Steer(sas, lam)]))
-    for s in args.caa:
-        configs.append((f"CAA x{s:g}", [Steer(caa, s)]))
+        configs += strength_configs(sas, args.sas, f"SAS {w}x lam={{s:g}}")
+    configs += strength_configs(caa, args.caa, "CAA x{s:g}")
     if not args.skip_sentiment:
         table = sentiment_sweep(lm, neutral_prompts(), configs,
                                 max_new_tokens=args.new_tokens, verbose=True)
@@ -120,8 +118,7 @@ def main() -> None:
         print(f"\nsentiment, block {args.layer}, scope all; SAS features "
               f"{out['sas_features']}")
         for r in table:
-            print(f"  {r['config']:24s} VADER {r['vader']:+.3f} shift {r['shift']:+.3f} "
-                  f"ppl ratio {r['ppl_ratio']:.2f}")
+            print(format_row(r, "vader", "VADER", width=24))
 
     # behaviour set
     data = load_caa_ab(SHARED / "caa" / args.behaviour / "generate_dataset.json")

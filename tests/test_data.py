@@ -96,12 +96,14 @@ def test_builtin_sentiment_sizes_and_content() -> None:
 
 
 def test_builtin_sentiment_polarity_vader() -> None:
-    vader = pytest.importorskip("vaderSentiment.vaderSentiment")
-    analyzer = vader.SentimentIntensityAnalyzer()
-    for p in sentiment_pairs():
-        pos = analyzer.polarity_scores(p.positive)["compound"]
-        neg = analyzer.polarity_scores(p.negative)["compound"]
-        assert pos > 0.2 and neg < -0.2, (p.prompt, pos, neg)
+    pytest.importorskip("vaderSentiment.vaderSentiment")
+    from steerlab.evals.judges import vader_compound
+
+    pairs = list(sentiment_pairs())
+    pos = vader_compound([p.positive for p in pairs])
+    neg = vader_compound([p.negative for p in pairs])
+    for p, sp, sn in zip(pairs, pos, neg, strict=True):
+        assert sp > 0.2 and sn < -0.2, (p.prompt, sp, sn)
 
 
 def test_builtin_json_metadata() -> None:

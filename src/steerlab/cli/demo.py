@@ -20,14 +20,6 @@ from steerlab.cli.common import (
 from steerlab.errors import SteerlabError
 
 
-def _sentiment(texts: list[str]) -> list[float]:
-    """Each text's VADER compound sentiment, in [-1, 1]."""
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    analyzer = SentimentIntensityAnalyzer()
-    return [float(analyzer.polarity_scores(t)["compound"]) for t in texts]
-
-
 def demo(
     model: ModelOption = "smollm2-135m",
     layer: Annotated[int, typer.Option(help="block whose output is steered")] = DEMO_LAYER,
@@ -38,6 +30,7 @@ def demo(
     """Fit a sentiment CAA from the built-in set and show unsteered vs steered answers."""
     try:
         from steerlab.data import neutral_prompts, sentiment_pairs
+        from steerlab.evals.judges import vader_compound
         from steerlab.fitting import fit_caa
         from steerlab.methods import CAA
         from steerlab.runtime import Steer, generate
@@ -66,7 +59,7 @@ def demo(
         for p, a, b, c in zip(chosen, plain, pos, neg, strict=True):
             table.add_row(p, a.strip(), b.strip(), c.strip())
         console.print(table)
-        s0, s1, s2 = (sum(_sentiment(x)) / len(x) for x in (plain, pos, neg))
+        s0, s1, s2 = (sum(vader_compound(x)) / len(x) for x in (plain, pos, neg))
         console.print(
             f"mean VADER compound: unsteered {s0:+.3f}, +{strength}: {s1:+.3f}, "
             f"-{strength}: {s2:+.3f}"

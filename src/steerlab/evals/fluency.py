@@ -8,6 +8,9 @@
   one n-gram (n = 4 by default), ``1 - distinct n-grams / n-grams`` of that text; the rate is
   the mean over those texts. 0 means no 4-gram occurs twice within any text; a degenerate
   loop ("the cat the cat the cat ...") approaches 1. Same tokens as Dist-n.
+* :func:`degenerate_fraction`: the share of texts that are degenerate (:func:`is_degenerate`):
+  empty after ``strip``, or a 4-gram repetition rate (:func:`repetition_rate` of that text
+  alone) above :data:`DEGENERATE_REPETITION` (0.5).
 * :func:`generation_fluency`: everything the generation tasks report about their texts:
   perplexity under the (unsteered) model (:func:`~steerlab.evals.metrics.
   conditional_perplexity`), Dist-1/2/3 and the repetition rate.
@@ -26,7 +29,11 @@ from steerlab.errors import DataError
 from steerlab.evals.metrics import conditional_perplexity
 from steerlab.models import LoadedModel
 
-__all__ = ["dist_n", "generation_fluency", "ngrams", "repetition_rate", "tokens"]
+__all__ = ["DEGENERATE_REPETITION", "degenerate_fraction", "dist_n", "generation_fluency",
+           "is_degenerate", "ngrams", "repetition_rate", "tokens"]
+
+DEGENERATE_REPETITION = 0.5
+"""A text whose own 4-gram repetition rate exceeds this is degenerate (a loop)."""
 
 
 def _check_texts(texts: Sequence[str]) -> None:
@@ -71,6 +78,19 @@ def repetition_rate(texts: Sequence[str], n: int = 4) -> float:
         if grams:
             rates.append(1.0 - len(set(grams)) / len(grams))
     return sum(rates) / len(rates) if rates else 0.0
+
+
+def is_degenerate(text: str, threshold: float = DEGENERATE_REPETITION) -> bool:
+    """Whether ``text`` is empty (after ``strip``) or repeats itself: its own 4-gram
+    repetition rate is above ``threshold``."""
+    return not text.strip() or repetition_rate([text]) > threshold
+
+
+def degenerate_fraction(texts: Sequence[str],
+                        threshold: float = DEGENERATE_REPETITION) -> float:
+    """Share of ``texts`` that are degenerate (:func:`is_degenerate`)."""
+    _check_texts(texts)
+    return sum(is_degenerate(t, threshold) for t in texts) / len(texts)
 
 
 def generation_fluency(

@@ -6,10 +6,15 @@
   model (normally the *unsteered* model), exp of the mean negative log-likelihood over all
   completion tokens. A steered answer that stays fluent keeps this close to the unsteered
   answers' value.
+* :func:`next_token_kl`: mean KL of the next-token distributions, steered vs unsteered.
+
+``sentiment_sweep`` moved to :mod:`steerlab.evals.compare` (built on the generation tasks);
+it is still importable from here.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -17,18 +22,29 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from steerlab.data import Renderer
-from steerlab.errors import DataError
+from steerlab.errors import DataError, ModelLoadError
 from steerlab.models import LoadedModel
 
 if TYPE_CHECKING:
     from steerlab.runtime import Steer
 
 
-def vader_compound(texts: Sequence[str]) -> list[float]:
-    """VADER compound score of each text."""
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+@functools.cache
+def _vader() -> Any:
+    """The one VADER analyzer of the process (its lexicon is read once, on first use)."""
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError as exc:  # pragma: no cover - a broken install
+        raise ModelLoadError("the sentiment judge needs the vaderSentiment package "
+                             "(pip install vaderSentiment)") from exc
+    return SentimentIntensityAnalyzer()
 
-    analyzer = SentimentIntensityAnalyzer()
+
+def vader_compound(texts: Sequence[str]) -> list[float]:
+    """VADER compound score of each text, in [-1, 1]: the only place steerlab calls VADER."""
+    if isinstance(texts, str):
+        raise DataError("give a list of texts, not a single string")
+    analyzer = _vader()
     return [float(analyzer.polarity_scores(t)["compound"]) for t in texts]
 
 
@@ -79,42 +95,6 @@ def conditional_perplexity(
     return math.exp(total / count)
 
 
-def sentiment_sweep(
-    lm: LoadedModel,
-    prompts: Sequence[str],
-    configs: Sequence[tuple[str, Sequence[Steer]]],
-    *,
-    max_new_tokens: int = 40,
-    batch_size: int = 19,
-    verbose: bool = False,
-) -> list[dict[str, Any]]:
-    """Behaviour vs fluency for several steering configurations on the same prompts.
-
-    Each row: mean VADER compound of greedy answers, its shift from unsteered, and the
-    answers' perplexity under the unsteered model with its ratio to the unsteered answers'.
-    The first row is the unsteered baseline.
-    """
-    from steerlab.runtime import generate
-
-    kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
-    plain = generate(lm, prompts, **kw)
-    s0 = sum(vader_compound(plain)) / len(plain)
-    ppl0 = conditional_perplexity(lm, prompts, plain)
-    rows: list[dict[str, Any]] = [
-        {"config": "unsteered", "vader": s0, "shift": 0.0, "ppl": ppl0, "ppl_ratio": 1.0,
-         "example": plain[0][:100]}
-    ]
-    for name, steers in configs:
-        texts = generate(lm, prompts, steers=list(steers), **kw)
-        s = sum(vader_compound(texts)) / len(texts)
-        ppl = conditional_perplexity(lm, prompts, texts)
-        rows.append({"config": name, "vader": s, "shift": s - s0, "ppl": ppl,
-                     "ppl_ratio": ppl / ppl0, "example": texts[0][:100]})
-        if verbose:
-            print(f"  {name:36s} VADER {s:+.3f} shift {s - s0:+.3f} ppl ratio {ppl / ppl0:.2f}")
-    return rows
-
-
 def next_token_kl(
     lm: LoadedModel,
     texts: Sequence[str],
@@ -151,3 +131,13 @@ def next_token_kl(
         total += float(kl[sel].sum())
         count += int(sel.sum())
     return total / count
+
+
+def __getattr__(name: str) -> Any:
+    """``sentiment_sweep``, re-exported from :mod:`steerlab.evals.compare` on first use (a
+    lazy import: compare is built on the tasks, which import this module)."""
+    if name == "sentiment_sweep":
+        from steerlab.evals.compare import sentiment_sweep
+
+        return sentiment_sweep
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

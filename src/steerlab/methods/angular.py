@@ -59,6 +59,7 @@ from steerlab.methods.base import Controller, StepContext
 from steerlab.methods.cast_cache import CastCache, cached
 from steerlab.methods.checks import (
     check_finite,
+    check_number,
     check_recipe,
     check_site_kind,
     check_width,
@@ -130,13 +131,7 @@ class AngularSteering(Controller):
 
     @angle.setter
     def angle(self, value: float) -> None:
-        try:
-            a = float(value)
-        except (TypeError, ValueError) as exc:
-            raise SteeringError(f"angle must be a number of degrees, got {value!r}") from exc
-        if not math.isfinite(a):
-            raise SteeringError(f"angle must be finite, got {value!r}")
-        self._angle = a
+        self._angle = check_number("angle (degrees)", value)
 
     def fit_sites(self) -> list[Site]:
         return [Site(self.site, layer) for layer in self.layers]

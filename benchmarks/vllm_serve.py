@@ -12,12 +12,16 @@ Ratios come from one run (same machine, same minutes):
 Run from the repository root with the vLLM venv (``bash scripts/setup_vllm.sh``)::
 
     .venv-vllm/bin/python benchmarks/vllm_serve.py --controllers DIR [--clients 32]
-        [--requests 2] [--tokens 32] [--out results-run/vllm_serve.json]
+        [--requests 2] [--tokens 32] [--rounds 2] [--out results-run/vllm_serve.json]
 
 ``DIR`` holds steerlab artifacts for the embedded model (e.g. ``steerlab fit --out
 DIR/caa.safetensors --method caa --layers 8`` and ``--method odesteer --layers 12``); the
-steered half cycles through every controller in it. ``steerlab serve`` runs from the main
-``.venv``. Requests use ``ignore_eos`` so every request produces exactly ``--tokens``.
+steered half cycles through every controller in it. ``steerlab serve`` runs this checkout's
+``src`` with the main venv's interpreter (``--steerlab-python``, default ``.venv/bin/python``),
+so both servers run the same controller code. Requests use ``ignore_eos`` so every request
+produces exactly ``--tokens``. Loads alternate ``none``, then ``--rounds`` times
+``half_steered`` and ``none`` again, on each server; a ratio is the mean of a server's
+``half_steered`` loads over the mean of its ``none`` loads (on a noisy machine, more rounds).
 """
 
 from __future__ import annotations
@@ -109,7 +113,11 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="half_steered / none pairs after the first none load")
     ap.add_argument("--skip-steerlab", action="store_true")
+    ap.add_argument("--steerlab-python", type=Path, default=ROOT / ".venv" / "bin" / "python",
+                    help="the interpreter of steerlab serve (the main venv)")
     ap.add_argument("--out", type=Path, default=ROOT / "results-run" / "vllm_serve.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -119,13 +127,11 @@ def main() -> None:
     names = sorted(p.stem for p in args.controllers.glob("*.safetensors"))
     if not names:
         raise SystemExit(f"no *.safetensors controllers in {args.controllers}")
-    half = [None, *[[{"controller": n}] for n in names]]
     # half steered: alternate unsteered / steered, the steered ones cycling the controllers
     mixed: list[list[dict[str, Any]] | None] = []
     for n in names:
         mixed += [None, [{"controller": n}]]
     none: list[list[dict[str, Any]] | None] = [None]
-    del half
     result: dict[str, Any] = {"clients": args.clients, "requests_per_client": args.requests,
                               "tokens": args.tokens, "controllers": names}
     logs = args.out.parent
@@ -133,12 +139,16 @@ def main() -> None:
 
     def run_loads(url: str, model: str) -> dict[str, Any]:
         asyncio.run(load(url, model, 4, 1, 4, none))  # warm-up
-        out = {}
-        for key, steering in (("none", none), ("half_steered", mixed), ("none_again", none)):
-            out[key] = asyncio.run(load(url, model, args.clients, args.requests, args.tokens,
-                                        steering))
-            print(key, out[key], flush=True)
-        return out
+        asyncio.run(load(url, model, 4, 1, 4, mixed))  # and the steered path
+        runs: dict[str, list[dict[str, float]]] = {"none": [], "half_steered": []}
+        order = [("none", none)] + [("half_steered", mixed), ("none", none)] * args.rounds
+        for key, steering in order:
+            r = asyncio.run(load(url, model, args.clients, args.requests, args.tokens,
+                                 steering))
+            runs[key].append(r)
+            print(key, r, flush=True)
+        return {"runs": runs, **{f"{k}_tok_per_s": round(
+            sum(x["tok_per_s"] for x in v) / len(v), 2) for k, v in runs.items()}}
 
     # vLLM + plugin
     port = free_port()
@@ -160,18 +170,19 @@ def main() -> None:
     finally:
         stop(proc)
     v = result["vllm"]
-    base = (v["none"]["tok_per_s"] + v["none_again"]["tok_per_s"]) / 2
-    result["vllm_half_steered_over_none"] = round(v["half_steered"]["tok_per_s"] / base, 3)
+    result["vllm_half_steered_over_none"] = round(
+        v["half_steered_tok_per_s"] / v["none_tok_per_s"], 3)
 
     if not args.skip_steerlab:
         port = free_port()
         log = logs / "steerlab_serve.server.log"
-        exe = ROOT / ".venv" / "bin" / "steerlab"
+        senv = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
         with open(log, "w") as fh:
             proc = subprocess.Popen(
-                [str(exe), "serve", "--controllers", str(args.controllers), "--port", str(port),
-                 "--max-batch", str(args.clients), "--max-queue", "1024"],
-                stdout=fh, stderr=subprocess.STDOUT)
+                [str(args.steerlab_python), "-m", "steerlab.cli", "serve", "--controllers",
+                 str(args.controllers), "--port", str(port), "--max-batch", str(args.clients),
+                 "--max-queue", "1024"],
+                env=senv, stdout=fh, stderr=subprocess.STDOUT)
         try:
             result["steerlab_startup_s"] = round(
                 wait_health(f"http://127.0.0.1:{port}", proc, log, 900), 1)
@@ -179,12 +190,11 @@ def main() -> None:
         finally:
             stop(proc)
         s = result["steerlab"]
-        sbase = (s["none"]["tok_per_s"] + s["none_again"]["tok_per_s"]) / 2
         result["steerlab_half_steered_over_none"] = round(
-            s["half_steered"]["tok_per_s"] / sbase, 3)
-        result["vllm_over_steerlab_none"] = round(base / sbase, 3)
+            s["half_steered_tok_per_s"] / s["none_tok_per_s"], 3)
+        result["vllm_over_steerlab_none"] = round(v["none_tok_per_s"] / s["none_tok_per_s"], 3)
         result["vllm_over_steerlab_half_steered"] = round(
-            v["half_steered"]["tok_per_s"] / s["half_steered"]["tok_per_s"], 3)
+            v["half_steered_tok_per_s"] / s["half_steered_tok_per_s"], 3)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

@@ -54,6 +54,7 @@ Defaults (spec section 7): q = 0.1, r = 3, q_f = 0.1 (Gemma-2-2B toxicity); λ =
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -116,6 +117,12 @@ def linear_feature_setpoint(
     mu = torch.where(flat_mask, torch.zeros_like(mu), mu)
     v = torch.where(flat_mask[:, None], torch.zeros_like(e), e / mu.clamp_min(1e-30)[:, None])
     return v, mu
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_input(k: int) -> Site:
+    """``Site("resid_pre", k)``, made once per k (the controllers read it at every block)."""
+    return Site("resid_pre", k)
 
 
 class LFSController(Controller):
@@ -200,7 +207,7 @@ class LFSController(Controller):
         return z.to(torch.float32) @ self._get("v", self.v, z)[:, k, :].T
 
     def _read(self, ctx: StepContext, k: int) -> torch.Tensor:
-        z = ctx.reads.get(Site("resid_pre", k))
+        z = ctx.reads.get(_block_input(k))
         if z is None:
             raise SteeringError(
                 f"{self.method} needs the input of block {k} but the runtime did not read it"
@@ -299,11 +306,42 @@ class ALQR(LFSController):
     def steer(
         self, site: Site, h: torch.Tensor, strength: torch.Tensor, ctx: StepContext
     ) -> torch.Tensor:
+        # u_k = |s|·α_k w_k with α_k = sign(s)·λμ_k − v_kᵀz_k: the operations of
+        # alpha() and gain(), with what depends only on the strengths (the targets of every
+        # block, |s|) computed once per forward pass (:meth:`_law`) and the per-block views
+        # of v and w made once (:meth:`_block`), since this runs at every block.
         self._check_width(h)
         k = site.layer
-        alpha = self.alpha(k, self._read(ctx, k), strength)  # (B, T, C)
-        w = self._get("w", self.w, h)[:, k, :]  # (C, d)
-        return (h.to(torch.float32) + self.gain(strength, h) * (alpha @ w)).to(h.dtype)
+        z = self._read(ctx, k)
+        target, gain = self._law(strength, z, ctx)
+        v_t, w = self._block(k, z)
+        alpha = target[:, k, None, :] - z.to(torch.float32) @ v_t  # (B, T, C)
+        return (h.to(torch.float32) + gain * (alpha @ w)).to(h.dtype)
+
+    def _law(self, strength: torch.Tensor, ref: torch.Tensor, ctx: StepContext
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """sign(s)·λ_c·μ_{k,c} for every block, (B, L, C), and |s| (B, 1, 1), in float32:
+        the same numbers as :meth:`alpha`'s target and :meth:`gain`, kept in the pass's
+        scratch for this very strength tensor."""
+        key = ("alqr.law", id(self))
+        hit = ctx.scratch.get(key)
+        if hit is not None and hit[0] is strength and hit[1].device == ref.device:
+            return hit[1], hit[2]
+        s = strength.to(device=ref.device, dtype=torch.float32)
+        lam = self._get("lam", torch.tensor(self.lambdas), ref)  # (C,)
+        lam_mu = lam[:, None] * self._get("mu", self.mu, ref)  # (C, L)
+        target = torch.sign(s)[:, None, None] * lam_mu.T[None, :, :]
+        gain = s.abs()[:, None, None]
+        ctx.scratch[key] = (strength, target, gain)
+        return target, gain
+
+    def _block(self, k: int, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """v_kᵀ (d, C) and w_k (C, d), float32 views on ``ref``'s device (made once)."""
+        views = cached(self._cast, ("alqr.blocks", ref.device), lambda: [
+            (v[:, j, :].T, w[:, j, :]) for v, w in
+            [(self._get("v", self.v, ref), self._get("w", self.w, ref))]
+            for j in range(self.num_layers)])
+        return views[k]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {**self.base_state(), "w": self.w.contiguous()}

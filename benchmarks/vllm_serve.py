@@ -166,6 +166,9 @@ def main() -> None:
         m = re.search(r"steerlab: \d+ controller\(s\) attached in ([0-9.]+) s", text)
         result["vllm_startup_s"] = round(startup, 1)
         result["plugin_attach_s"] = float(m.group(1)) if m else None
+        installs = [float(x) for x in
+                    re.findall(r"steerlab: plugin installed in ([0-9.]+) s", text)]
+        result["plugin_install_s"] = installs  # one per vLLM process
         result["vllm"] = run_loads(f"http://127.0.0.1:{port}", "smollm2-135m")
     finally:
         stop(proc)

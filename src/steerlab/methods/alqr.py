@@ -274,6 +274,9 @@ class ALQR(LFSController):
         self.w = torch.empty(0)
         self.K: torch.Tensor | None = None
         self.A: torch.Tensor | None = None  # the Jacobians of the last fit (not saved)
+        # per device: (cast v, cast w, per-block views of both), see _block
+        self._views: dict[torch.device, tuple[torch.Tensor, torch.Tensor,
+                                              list[tuple[torch.Tensor, torch.Tensor]]]] = {}
 
     def fit(
         self, concepts: Sequence[tuple[torch.Tensor, torch.Tensor]], A: torch.Tensor
@@ -336,12 +339,14 @@ class ALQR(LFSController):
         return target, gain
 
     def _block(self, k: int, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """v_kᵀ (d, C) and w_k (C, d), float32 views on ``ref``'s device (made once)."""
-        views = cached(self._cast, ("alqr.blocks", ref.device), lambda: [
-            (v[:, j, :].T, w[:, j, :]) for v, w in
-            [(self._get("v", self.v, ref), self._get("w", self.w, ref))]
-            for j in range(self.num_layers)])
-        return views[k]
+        """v_kᵀ (d, C) and w_k (C, d), float32 views on ``ref``'s device, made once per
+        pair of cast tensors."""
+        v, w = self._get("v", self.v, ref), self._get("w", self.w, ref)
+        views = self._views.get(ref.device)
+        if views is None or views[0] is not v or views[1] is not w:
+            views = (v, w, [(v[:, j, :].T, w[:, j, :]) for j in range(v.shape[1])])
+            self._views[ref.device] = views
+        return views[2][k]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {**self.base_state(), "w": self.w.contiguous()}

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import functools
 import json
 import os
 import re
@@ -107,6 +109,77 @@ async def load(url: str, model: str, clients: int, per_client: int, tokens: int,
             "tok_per_s": round(done_tokens / wall, 2), "errors": errors}
 
 
+def _timed(timers: dict[str, float], calls: dict[str, int], name: str, fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrap(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            timers[name] += time.perf_counter() - t0
+            calls[name] += 1
+
+    return wrap
+
+
+def profile(args: argparse.Namespace, folder: str,
+            loads: list[tuple[str, list[list[dict[str, Any]] | None]]]) -> dict[str, Any]:
+    """``--profile``: the same loads offline, with vLLM's engine core and model runner in this
+    process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), timing where a load's time goes: the
+    model runner's forward passes, the plugin's per-step plan (``begin_step``), its hooks'
+    reads and writes (gather, controller, scatter) and each controller class's ``steer``."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["STEERLAB_VLLM_CONTROLLERS"] = str(args.controllers.resolve())
+    from vllm import LLM, SamplingParams
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from steerlab.methods import METHODS
+    from steerlab.vllm_plugin import _internals, worker
+
+    timers: dict[str, float] = collections.defaultdict(float)
+    calls: dict[str, int] = collections.defaultdict(int)
+    ws = worker.WorkerSteering
+    for meth in ("begin_step", "_read", "_write"):
+        setattr(ws, meth, _timed(timers, calls, f"plugin.{meth}", getattr(ws, meth)))
+    owners = {base for cls in METHODS.values() for base in cls.__mro__ if "steer" in vars(base)}
+    for base in owners:  # the classes that define steer (ODESteer's is _ODEBase's, ...)
+        base.steer = _timed(timers, calls, f"steer.{base.__name__}", base.steer)  # type: ignore[method-assign]
+    _internals.install()
+    GPUModelRunner._model_forward = _timed(  # type: ignore[method-assign]
+        timers, calls, "model_forward", GPUModelRunner._model_forward)
+    llm = LLM(folder, enforce_eager=True, dtype="float32", max_model_len=1024,
+              max_num_seqs=args.clients, seed=0)
+    tok = llm.get_tokenizer()
+    ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                       add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    n = args.clients * args.requests
+    out: dict[str, list[dict[str, Any]]] = {"none": [], "half_steered": []}
+    warm = [SamplingParams(temperature=0, max_tokens=4, extra_args={"steering": s} if s else None)
+            for s in ([None] + [x for _, load_ in loads[:1] for x in load_])]
+    llm.generate([{"prompt_token_ids": ids[0]}] * len(warm), warm, use_tqdm=False)
+    for key, steering in [("none", [None]), *loads]:
+        sps = [SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True,
+                              extra_args={"steering": s} if s else None)
+               for s in (steering[k % len(steering)] for k in range(n))]
+        timers.clear()
+        calls.clear()
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": ids[k % len(ids)]} for k in range(n)], sps,
+                            use_tqdm=False)
+        wall = time.perf_counter() - t0
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        plugin = sum(v for k, v in timers.items() if k.startswith("plugin."))
+        r = {"tok_per_s": round(tokens / wall, 2), "seconds": round(wall, 2),
+             "plugin_share": round(plugin / wall, 4),
+             "timers_s": {k: round(v, 3) for k, v in sorted(timers.items())},
+             "calls": dict(sorted(calls.items()))}
+        out[key].append(r)
+        print(key, r, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--controllers", required=True, type=Path)
@@ -118,6 +191,11 @@ def main() -> None:
     ap.add_argument("--skip-steerlab", action="store_true")
     ap.add_argument("--steerlab-python", type=Path, default=ROOT / ".venv" / "bin" / "python",
                     help="the interpreter of steerlab serve (the main venv)")
+    ap.add_argument("--vllm-arg", action="append", default=[],
+                    help="one more argument for vllm serve (repeat it), e.g. "
+                         "--vllm-arg=--no-enable-prefix-caching")
+    ap.add_argument("--profile", action="store_true",
+                    help="offline, in-process engine: where the time goes (no servers)")
     ap.add_argument("--out", type=Path, default=ROOT / "results-run" / "vllm_serve.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -136,6 +214,11 @@ def main() -> None:
                               "tokens": args.tokens, "controllers": names}
     logs = args.out.parent
     logs.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        result["profile"] = profile(args, folder, [("half_steered", mixed), ("none", none)]
+                                    * args.rounds)
+        args.out.write_text(json.dumps(result, indent=2))
+        return
 
     def run_loads(url: str, model: str) -> dict[str, Any]:
         asyncio.run(load(url, model, 4, 1, 4, none))  # warm-up
@@ -158,7 +241,8 @@ def main() -> None:
         proc = subprocess.Popen(
             [sys.executable, "-m", "steerlab.vllm_plugin.launch", folder, "--dtype", "float32",
              "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port),
-             "--served-model-name", "smollm2-135m", "--max-num-seqs", str(args.clients)],
+             "--served-model-name", "smollm2-135m", "--max-num-seqs", str(args.clients),
+             *args.vllm_arg],
             env=env, stdout=fh, stderr=subprocess.STDOUT)
     try:
         startup = wait_health(f"http://127.0.0.1:{port}", proc, log, 900)

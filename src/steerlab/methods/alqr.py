@@ -125,6 +125,9 @@ class ALQR(LFSController):
         self.w = torch.empty(0)
         self.K: torch.Tensor | None = None
         self.A: torch.Tensor | None = None  # the Jacobians of the last fit (not saved)
+        # per device: (cast v, cast w, per-block views of both), see _block
+        self._views: dict[torch.device, tuple[torch.Tensor, torch.Tensor,
+                                              list[tuple[torch.Tensor, torch.Tensor]]]] = {}
 
     def reading(self, model: ModelLayout, data: Any, *,
                 jacobian_data: Sequence[str] | None = None, **options: Any) -> Reading:
@@ -187,11 +190,44 @@ class ALQR(LFSController):
     def steer(
         self, site: Site, h: torch.Tensor, strength: torch.Tensor, ctx: StepContext
     ) -> torch.Tensor:
+        # u_k = |s|·α_k w_k with α_k = sign(s)·λμ_k − v_kᵀz_k: the operations of
+        # alpha() and gain(), with what depends only on the strengths (the targets of every
+        # block, |s|) computed once per forward pass (:meth:`_law`) and the per-block views
+        # of v and w made once (:meth:`_block`), since this runs at every block.
         self._check_width(h)
         k = site.layer
-        alpha = self.alpha(k, self._read(ctx, k), strength)  # (B, T, C)
-        w = self._get("w", self.w, h)[:, k, :]  # (C, d)
-        return (h.to(torch.float32) + self.gain(strength, h) * (alpha @ w)).to(h.dtype)
+        z = self._read(ctx, k)
+        target, gain = self._law(strength, z, ctx)
+        v_t, w = self._block(k, z)
+        alpha = target[:, k, None, :] - z.to(torch.float32) @ v_t  # (B, T, C)
+        return (h.to(torch.float32) + gain * (alpha @ w)).to(h.dtype)
+
+    def _law(self, strength: torch.Tensor, ref: torch.Tensor, ctx: StepContext
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """sign(s)·λ_c·μ_{k,c} for every block, (B, L, C), and |s| (B, 1, 1), in float32:
+        the same numbers as :meth:`alpha`'s target and :meth:`gain`, kept in the pass's
+        scratch for this very strength tensor."""
+        key = ("alqr.law", id(self))
+        hit = ctx.scratch.get(key)
+        if hit is not None and hit[0] is strength and hit[1].device == ref.device:
+            return hit[1], hit[2]
+        s = strength.to(device=ref.device, dtype=torch.float32)
+        lam = self._get("lam", torch.tensor(self.lambdas), ref)  # (C,)
+        lam_mu = lam[:, None] * self._get("mu", self.mu, ref)  # (C, L)
+        target = torch.sign(s)[:, None, None] * lam_mu.T[None, :, :]
+        gain = s.abs()[:, None, None]
+        ctx.scratch[key] = (strength, target, gain)
+        return target, gain
+
+    def _block(self, k: int, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """v_kᵀ (d, C) and w_k (C, d), float32 views on ``ref``'s device, made once per
+        pair of cast tensors."""
+        v, w = self._get("v", self.v, ref), self._get("w", self.w, ref)
+        views = self._views.get(ref.device)
+        if views is None or views[0] is not v or views[1] is not w:
+            views = (v, w, [(v[:, j, :].T, w[:, j, :]) for j in range(v.shape[1])])
+            self._views[ref.device] = views
+        return views[2][k]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {**self.base_state(), "w": self.w.contiguous()}

@@ -5,6 +5,7 @@ they read every block's input for both classes of each concept (one set per conc
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -82,6 +83,12 @@ def linear_feature_setpoint(
     v = torch.where(flat_mask[:, None], torch.zeros_like(e), e / mu.clamp_min(1e-30)[:, None])
     return v, mu
 
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_input(k: int) -> Site:
+    """``Site("resid_pre", k)``, made once per k (the controllers read it at every block)."""
+    return Site("resid_pre", k)
 
 class LFSController(Controller):
     """Shared state and plumbing of controllers built on the linear feature setpoint.
@@ -165,7 +172,7 @@ class LFSController(Controller):
         return z.to(torch.float32) @ self._get("v", self.v, z)[:, k, :].T
 
     def _read(self, ctx: StepContext, k: int) -> torch.Tensor:
-        z = ctx.reads.get(Site("resid_pre", k))
+        z = ctx.reads.get(_block_input(k))
         if z is None:
             raise SteeringError(
                 f"{self.method} needs the input of block {k} but the runtime did not read it"

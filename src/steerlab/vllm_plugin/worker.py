@@ -21,12 +21,23 @@ At a site, a group's selected tokens are gathered as a padded ``(rows, T, d)`` b
 per request (padding has position -1 and is marked not steered in ``StepContext.steered``),
 and ``Controller.steer`` is called with the same contract as in the runtime; the result is
 scattered back to the selected tokens only.
+
+Cost per step (issue 17's throughput target): the plan is built once per forward pass with a
+few tensor operations per group on the CPU (a request's parsed steering is cached) and moved
+to the model's device once; each group's :class:`StepContext` is built once per pass and
+shared by its sites. At a site only the group's tokens are touched: ``hidden + residual`` is
+summed on the gathered rows (the same arithmetic as summing everything, then gathering),
+reads (A-LQR's block inputs) are gathered only for the groups that read them, and the write
+is an ``index_copy_`` of the steered rows (and an ``index_fill_`` of their residual with 0),
+into a block's outputs themselves at ``resid_post`` (they only flow on to the next block) and
+into copies elsewhere. So a controller computes on its own tokens, never on the whole batch,
+and a step without a steered token runs no steering code at all.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,41 +60,39 @@ _OUT_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo")
 
 @dataclass
 class _GroupPlan:
+    """One (controller, scope) group of one forward pass: its selected tokens as a padded
+    ``(R, T)`` batch (one row per request), on the model's device."""
+
     controller: Controller
-    scope: TokenScope
-    idx: torch.Tensor  # (R, T) flattened token index, padding clamped to a real index
-    valid: torch.Tensor  # (R, T) bool, False on padding
-    flat: torch.Tensor  # (n,) the selected flattened token indices (valid entries of idx)
-    positions: torch.Tensor  # (R, T), -1 on padding
-    prompt_len: torch.Tensor  # (R,)
+    shape: tuple[int, int]  # (R, T)
+    gather: torch.Tensor  # (R*T,) flattened token index of each slot; padding: the row's last
+    flat: torch.Tensor  # (n,) the selected flattened token indices (the tokens written)
+    keep: torch.Tensor | None  # (n,) the slots of ``flat`` in ``gather``; None: every slot
     strengths: torch.Tensor  # (R,) float32
-    carry: list[dict[Any, Any]]
-    scratch: dict[Any, Any] = field(default_factory=dict)
+    ctx: StepContext  # positions (-1 on padding), prompt lengths, steered, reads, carry
+    own: Mapping[Site, Site]  # resolved write site -> the controller's own name for it
+    read_names: Mapping[Site, tuple[Site, ...]]  # resolved read site -> its names in ctx.reads
     applied: set[Site] = field(default_factory=set)
 
 
 @dataclass
 class StepPlan:
+    """The groups of one forward pass, by the (resolved) sites they write and read."""
+
     num_tokens: int
-    groups: dict[Site, list[_GroupPlan]]
+    writes: dict[Site, list[_GroupPlan]]
+    readers: dict[Site, list[_GroupPlan]]
     all_groups: list[_GroupPlan]
-    reads: dict[Site, torch.Tensor] = field(default_factory=dict)  # name -> (N, d)
 
 
-class _Reads(Mapping[Site, torch.Tensor]):
-    """A forward pass's reads gathered like the steered tensor, lazily."""
+@dataclass
+class _StepTokens:
+    """Per forward pass, per flattened token (CPU): its request and prompt length."""
 
-    def __init__(self, reads: dict[Site, torch.Tensor], idx: torch.Tensor) -> None:
-        self._reads, self._idx = reads, idx
-
-    def __getitem__(self, key: Site) -> torch.Tensor:
-        return self._reads[key][self._idx]
-
-    def __iter__(self) -> Iterator[Site]:
-        return iter(self._reads)
-
-    def __len__(self) -> int:
-        return len(self._reads)
+    positions: torch.Tensor  # (N, 1) absolute positions
+    request: torch.Tensor  # (N,) index of the token's request in the step's order
+    prompt_len: torch.Tensor  # (n_requests,)
+    token_prompt_len: torch.Tensor  # (N,) the prompt length of the token's request
 
 
 def find_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList:
@@ -134,7 +143,12 @@ class WorkerSteering:
         self._hooks = HookSet([])
         self.local_layers = {i for i, b in enumerate(self.blocks) if not _is_missing(b)}
         self.tp_size = tp_size
+        self.device = torch.device(device)
         self._validate(n_heads, head_dim, dtype, device)
+        self._own: dict[int, dict[Site, Site]] = {}
+        self._read_names: dict[int, dict[Site, tuple[Site, ...]]] = {}
+        self._expected: dict[int, frozenset[Site]] = {}
+        self._index_sites()
         self._install()
 
     # -- start-up ------------------------------------------------------------------------------
@@ -179,6 +193,23 @@ class WorkerSteering:
             writes |= {self.resolve(s) for s in sc.controller.sites}
             reads |= {self.resolve(s) for s in sc.controller.read_sites}
         return writes, reads
+
+    def _index_sites(self) -> None:
+        """Per controller, once: its resolved write sites (and its own name for each), the
+        names it reads each resolved read site by, and the local sites it must have run at
+        by the end of a step."""
+        for sc in self.registry.controllers.values():
+            c = sc.controller
+            if id(c) in self._own:
+                continue
+            self._own[id(c)] = {self.resolve(s): s for s in c.sites}
+            names: dict[Site, set[Site]] = {}
+            for s in c.read_sites:
+                r = self.resolve(s)
+                names.setdefault(r, {r}).add(s)
+            self._read_names[id(c)] = {r: tuple(sorted(v)) for r, v in names.items()}
+            self._expected[id(c)] = frozenset(
+                r for r in self._own[id(c)] if r.layer in self.local_layers)
 
     def _install(self) -> None:
         # raw hooks: vLLM's blocks take and return the residual stream split in two
@@ -226,62 +257,103 @@ class WorkerSteering:
                    prompt_lens: Sequence[int], extra_args: Sequence[Mapping[str, Any] | None],
                    positions: torch.Tensor) -> None:
         """Build the plan of one forward pass. ``starts`` has ``len(req_ids) + 1`` entries
-        (``query_start_loc``); ``positions`` the step's flattened absolute positions."""
+        (``query_start_loc``); ``positions`` the step's flattened absolute positions.
+
+        Per request only a dictionary walk (its parsed steering is cached); the tokens of
+        each (controller, scope) group are then selected with a few tensor operations on
+        the CPU (the scope's mask over the step's tokens), whatever the number of tokens,
+        and moved to the model's device once for the whole step."""
         self.plan = None
-        rows: dict[tuple[int, TokenScope], list[tuple[int, float]]] = {}
-        controllers: dict[int, Controller] = {}
-        for i, rid in enumerate(req_ids):
-            for controller, strength, scope in self.entries(rid, extra_args[i]):
-                key = (id(controller), scope)
-                controllers[id(controller)] = controller
-                lst = rows.setdefault(key, [])
-                if lst and lst[-1][0] == i:
-                    lst[-1] = (i, lst[-1][1] + strength)  # the same controller twice adds up
-                else:
-                    lst.append((i, strength))
-        if not rows:
+        members = self._members(req_ids, extra_args)
+        if not members:
             return
         pos = positions.reshape(-1) if positions.dim() == 1 else positions[0].reshape(-1)
-        pos = pos.to("cpu", torch.long)
-        n_tokens = int(pos.shape[0])
-        groups: dict[Site, list[_GroupPlan]] = {}
+        n_tok = int(starts[-1])
+        st = torch.as_tensor(starts, dtype=torch.long)
+        request = torch.repeat_interleave(torch.arange(len(req_ids)), st[1:] - st[:-1])
+        pl = torch.as_tensor(prompt_lens, dtype=torch.long)
+        tokens = _StepTokens(positions=pos[:n_tok].to("cpu", torch.long)[:, None],
+                             request=request, prompt_len=pl, token_prompt_len=pl[request])
+        writes: dict[Site, list[_GroupPlan]] = {}
+        readers: dict[Site, list[_GroupPlan]] = {}
         all_groups: list[_GroupPlan] = []
-        for (cid, scope), members in rows.items():
-            controller = controllers[cid]
-            sel_rows: list[tuple[int, float, torch.Tensor]] = []
-            for i, strength in members:
-                if strength == 0:
-                    continue  # strength 0 is the unsteered model, for every method
-                a, b = int(starts[i]), int(starts[i + 1])
-                if b <= a:
-                    continue
-                p = pos[a:b]
-                pl = torch.tensor([int(prompt_lens[i])], dtype=torch.long)
-                m = scope.mask(p[None, :], pl)[0]
-                if bool(m.any()):
-                    sel_rows.append((i, strength, torch.arange(a, b)[m]))
-            if not sel_rows:
+        for (_, scope), (controller, rows) in members.items():
+            g = self._group(controller, scope, rows, tokens, req_ids)
+            if g is None:
                 continue
-            t_max = max(len(x[2]) for x in sel_rows)
-            r_n = len(sel_rows)
-            idx = torch.zeros(r_n, t_max, dtype=torch.long)
-            valid = torch.zeros(r_n, t_max, dtype=torch.bool)
-            for r, (_, _, toks) in enumerate(sel_rows):
-                idx[r, : len(toks)] = toks
-                idx[r, len(toks):] = toks[-1]
-                valid[r, : len(toks)] = True
-            positions_sel = torch.where(valid, pos[idx], torch.full_like(idx, -1))
-            g = _GroupPlan(
-                controller=controller, scope=scope, idx=idx, valid=valid, flat=idx[valid],
-                positions=positions_sel,
-                prompt_len=torch.tensor([int(prompt_lens[i]) for i, _, _ in sel_rows]),
-                strengths=torch.tensor([s for _, s, _ in sel_rows], dtype=torch.float32),
-                carry=[self.carry.setdefault(req_ids[i], {}) for i, _, _ in sel_rows])
             all_groups.append(g)
-            for site in controller.sites:
-                groups.setdefault(self.resolve(site), []).append(g)
+            for site in g.own:
+                writes.setdefault(site, []).append(g)
+            for site in g.read_names:
+                readers.setdefault(site, []).append(g)
         if all_groups:
-            self.plan = StepPlan(num_tokens=n_tokens, groups=groups, all_groups=all_groups)
+            self.plan = StepPlan(num_tokens=n_tok, writes=writes, readers=readers,
+                                 all_groups=all_groups)
+
+    def _members(self, req_ids: Sequence[str], extra_args: Sequence[Mapping[str, Any] | None]
+                 ) -> dict[tuple[int, TokenScope], tuple[Controller, dict[int, float]]]:
+        """(id(controller), scope) -> (controller, {request index: strength}); the same
+        controller and scope twice on a request adds up, and strength 0 is the unsteered
+        model for every method (such a row is not steered at all)."""
+        members: dict[tuple[int, TokenScope], tuple[Controller, dict[int, float]]] = {}
+        for i, rid in enumerate(req_ids):
+            for controller, strength, scope in self.entries(rid, extra_args[i]):
+                rows = members.setdefault((id(controller), scope), (controller, {}))[1]
+                rows[i] = rows.get(i, 0.0) + strength
+        for key, (controller, rows) in list(members.items()):
+            kept = {i: s for i, s in rows.items() if s != 0}
+            if kept:
+                members[key] = (controller, kept)
+            else:
+                del members[key]
+        return members
+
+    def _group(self, controller: Controller, scope: TokenScope, rows: dict[int, float],
+               tokens: _StepTokens, req_ids: Sequence[str]) -> _GroupPlan | None:
+        """The plan of one group: its requests' tokens selected by the scope, laid out as
+        ``(R, T)`` slots (one row per request, padded on the right with the row's last
+        token, position -1), or None when it selects no token of this step."""
+        n_req = int(tokens.prompt_len.shape[0])
+        strength = torch.zeros(n_req, dtype=torch.float32)
+        member = torch.zeros(n_req, dtype=torch.bool)
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        strength[idx] = torch.as_tensor(list(rows.values()), dtype=torch.float32)
+        member[idx] = True
+        mask = scope.mask(tokens.positions, tokens.token_prompt_len)[:, 0]
+        sel = (mask & member[tokens.request]).nonzero()[:, 0]
+        n_sel = int(sel.shape[0])
+        if n_sel == 0:
+            return None
+        row_of = tokens.request[sel]
+        reqs, counts = torch.unique_consecutive(row_of, return_counts=True)
+        r_n, t_max = int(reqs.shape[0]), int(counts.max())
+        if t_max == 1:  # one token per request (decode, scope last): no padding
+            gather, keep = sel, None
+            valid = torch.ones(r_n, 1, dtype=torch.bool)
+            pos_sel = tokens.positions[sel]
+        else:
+            first = torch.cumsum(counts, 0) - counts
+            row_id = torch.repeat_interleave(torch.arange(r_n), counts)
+            slot = row_id * t_max + torch.arange(n_sel) - first[row_id]
+            grid = sel[first + counts - 1].repeat_interleave(t_max)  # padding: last token
+            grid[slot] = sel
+            valid = torch.zeros(r_n * t_max, dtype=torch.bool)
+            valid[slot] = True
+            gather = grid
+            keep = None if n_sel == r_n * t_max else slot
+            valid = valid.view(r_n, t_max)
+            pos_sel = torch.where(valid, tokens.positions[grid, 0].view(r_n, t_max),
+                                  torch.full((r_n, t_max), -1, dtype=torch.long))
+        dev = self.device
+        ctx = StepContext(
+            positions=pos_sel.to(dev), prompt_len=tokens.prompt_len[reqs].to(dev), reads={},
+            scratch={}, carry=[self.carry.setdefault(req_ids[i], {}) for i in reqs.tolist()],
+            steered=valid.to(dev))
+        return _GroupPlan(
+            controller=controller, shape=(r_n, t_max), gather=gather.to(dev),
+            flat=sel.to(dev), keep=None if keep is None else keep.to(dev),
+            strengths=strength[reqs].to(dev), ctx=ctx, own=self._own[id(controller)],
+            read_names=self._read_names[id(controller)])
 
     def end_step(self) -> None:
         """Clear the plan; fail if a planned group was not applied at one of its local sites
@@ -291,9 +363,7 @@ class WorkerSteering:
         if plan is None:
             return
         for g in plan.all_groups:
-            expected = {self.resolve(s) for s in g.controller.sites}
-            expected = {s for s in expected if s.layer in self.local_layers}
-            missing = expected - g.applied
+            missing = self._expected[id(g.controller)] - g.applied
             if missing:
                 raise SteeringError(
                     f"steering hooks did not run at {sorted(str(s) for s in missing)} for "
@@ -301,65 +371,72 @@ class WorkerSteering:
                     f"with enforce_eager=True / --enforce-eager)")
 
     # -- application ---------------------------------------------------------------------------
-    def _apply(self, site: Site, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Steer the flattened ``h`` (N, d) at ``site``; returns it and the (N,) mask of the
-        tokens written (None: nothing written)."""
-        plan = self.plan
-        if plan is None:
-            return h, None
-        written: torch.Tensor | None = None
-        for g in plan.groups.get(site, []):
-            if h.shape[0] < plan.num_tokens:
-                raise SteeringError(f"steering at {site}: {h.shape[0]} tokens, the step "
-                                    f"planned {plan.num_tokens}")
-            own = next(s for s in g.controller.sites if self.resolve(s) == site)
-            dev = h.device
-            idx = g.idx.to(dev)
-            ctx = StepContext(positions=g.positions.to(dev), prompt_len=g.prompt_len.to(dev),
-                              reads=_Reads(plan.reads, idx),  # type: ignore[arg-type]
-                              scratch=g.scratch, carry=g.carry, steered=g.valid.to(dev))
-            h_sel = h[idx]
-            new = g.controller.steer(own, h_sel, g.strengths.to(dev), ctx)
-            if new.shape != h_sel.shape:
-                raise SteeringError(f"{g.controller.method} returned shape {tuple(new.shape)} "
-                                    f"at {site}, expected {tuple(h_sel.shape)}")
-            h = h.clone()
-            flat = g.flat.to(dev)
-            h[flat] = new[g.valid.to(dev)].to(h.dtype)
-            if written is None:
-                written = torch.zeros(h.shape[0], dtype=torch.bool, device=dev)
-            written[flat] = True
-            g.applied.add(site)
-        return h, written
+    @staticmethod
+    def _gather(g: _GroupPlan, hidden: torch.Tensor, residual: torch.Tensor | None
+                ) -> torch.Tensor:
+        """The group's slots of ``hidden + residual`` (summed on the gathered rows only,
+        which is the same arithmetic), shaped ``(R, T, d)``."""
+        x = hidden.index_select(0, g.gather)
+        if residual is not None:
+            x = x + residual.index_select(0, g.gather)
+        return x.view(*g.shape, x.shape[-1])
 
-    def _store_read(self, site: Site, h: torch.Tensor) -> None:
+    def _read(self, site: Site, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """Store the read at ``site`` for the groups whose controller reads it (gathered
+        like the tensor the controller steers, only on the group's tokens)."""
         plan = self.plan
         if plan is None:
             return
-        plan.reads[site] = h
-        for sc in self.registry.controllers.values():
-            for s in sc.controller.read_sites:
-                if self.resolve(s) == site:
-                    plan.reads[s] = h
+        for g in plan.readers.get(site, ()):
+            x = self._gather(g, hidden, residual)
+            for name in g.read_names[site]:
+                g.ctx.reads[name] = x
+
+    def _write(self, site: Site, hidden: torch.Tensor, residual: torch.Tensor | None,
+               inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Steer the groups planned at ``site`` (in turn: a later group sees the earlier
+        ones' writes). A steered token gets ``(h', 0)``; every other token keeps both
+        original values. ``inplace`` writes into ``hidden`` and ``residual`` themselves (a
+        block's outputs, which only flow on to the next block) instead of copies. Returns
+        None when nothing is written."""
+        plan = self.plan
+        groups = plan.writes.get(site) if plan is not None else None
+        if not groups:
+            return None
+        assert plan is not None
+        if hidden.shape[0] < plan.num_tokens:
+            raise SteeringError(f"steering at {site}: {hidden.shape[0]} tokens, the step "
+                                f"planned {plan.num_tokens}")
+        out_h: torch.Tensor | None = None
+        out_r: torch.Tensor | None = None
+        for g in groups:
+            x = self._gather(g, hidden if out_h is None else out_h,
+                             residual if out_r is None else out_r)
+            new = g.controller.steer(g.own[site], x, g.strengths, g.ctx)
+            if new.shape != x.shape:
+                raise SteeringError(f"{g.controller.method} returned shape {tuple(new.shape)} "
+                                    f"at {site}, expected {tuple(x.shape)}")
+            vals = new.reshape(-1, new.shape[-1])
+            if g.keep is not None:
+                vals = vals.index_select(0, g.keep)
+            if out_h is None:
+                out_h = hidden if inplace else hidden.clone()
+                out_r = residual if inplace or residual is None else residual.clone()
+            out_h.index_copy_(0, g.flat, vals.to(hidden.dtype))
+            if out_r is not None:
+                out_r.index_fill_(0, g.flat, 0)
+            g.applied.add(site)
+        assert out_h is not None
+        return out_h, out_r
 
     def _split_write(self, hidden: torch.Tensor, residual: torch.Tensor | None,
-                     site: Site, read: bool, write: bool
+                     site: Site, read: bool, write: bool, inplace: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         if self.plan is None:
             return None
-        total = hidden if residual is None else hidden + residual
         if read:
-            self._store_read(site, total)
-        if not write:
-            return None
-        new, written = self._apply(site, total)
-        if written is None:
-            return None
-        m = written[:, None]
-        hidden2 = torch.where(m, new.to(hidden.dtype), hidden)
-        residual2 = None if residual is None else torch.where(m, torch.zeros_like(residual),
-                                                              residual)
-        return hidden2, residual2
+            self._read(site, hidden, residual)
+        return self._write(site, hidden, residual, inplace) if write else None
 
     def _block_pre_hook(self, site: Site, write: bool, read: bool) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -398,7 +475,8 @@ class WorkerSteering:
                 hidden, residual = output
             else:
                 hidden, residual = output, None
-            out = self._split_write(hidden, residual, site, read, write)
+            out = self._split_write(hidden, residual, site, read, write,
+                                    inplace=residual is not hidden)
             if out is None:
                 return None
             return out if residual is not None or isinstance(output, tuple) else out[0]
@@ -411,15 +489,13 @@ class WorkerSteering:
                 return None
             x = args[0] if args else kwargs["input_"]
             if read:
-                self._store_read(site, x)
-            if not write:
-                return None
-            new, written = self._apply(site, x)
-            if written is None:
+                self._read(site, x, None)
+            out = self._write(site, x, None) if write else None
+            if out is None:
                 return None
             if args:
-                return (new, *args[1:]), kwargs
-            kwargs["input_"] = new
+                return (out[0], *args[1:]), kwargs
+            kwargs["input_"] = out[0]
             return args, kwargs
 
         return hook

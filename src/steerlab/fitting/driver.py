@@ -33,6 +33,7 @@ def fit(
     batch_size: int = 16,
     cache: bool = True,
     progress: bool = True,
+    contract: type[Any] | None = None,
     **options: Any,
 ) -> C:
     """Fit ``controller`` on ``lm`` from ``data`` and return it.
@@ -42,28 +43,11 @@ def fit(
     prompt pair). ``renderer`` renders contrastive pairs (default: the model's chat template
     where it has one); activations are collected in batches of ``batch_size`` and cached on
     disk with ``cache``. ``options`` are the method's fit options (e.g. ITI's ``tuning``,
-    ODESteer's ``test_fraction``); one the method does not take raises.
+    ODESteer's ``test_fraction``); one the method does not take raises. ``contract`` is the
+    class whose fit side (``reading``, ``fit_collected``, ``record_fit``) is used, one that
+    ``controller`` is an instance of (default: its own class; see :func:`fit_with`).
     """
-    return fit_with(type(controller), lm, data, controller, renderer=renderer,
-                    batch_size=batch_size, cache=cache, progress=progress, **options)
-
-
-def fit_with(
-    contract: type[Any],
-    lm: LoadedModel,
-    data: Any,
-    controller: C,
-    *,
-    renderer: Renderer | None = None,
-    batch_size: int = 16,
-    cache: bool = True,
-    progress: bool = True,
-    **options: Any,
-) -> C:
-    """:func:`fit` with the fit side (``reading``, ``fit_collected``, ``record_fit``) of
-    ``contract``, a class ``controller`` is an instance of: :func:`fit` uses the
-    controller's own class; :func:`~steerlab.fitting.fit_contrastive` the base class's
-    generic one (class activations at the controller's sites and recipe)."""
+    contract = type(controller) if contract is None else contract
     if not isinstance(controller, contract):
         raise TypeError(f"{type(controller).__name__} is not a {contract.__name__}")
     model = ModelLayout(lm.info, find_layers(lm.model))
@@ -75,3 +59,11 @@ def fit_with(
     estimator = collected.seconds.get("estimator", time.perf_counter() - start)
     contract.record_fit(controller, lm.info, collected, estimator)
     return controller
+
+
+def fit_with(contract: type[Any], lm: LoadedModel, data: Any, controller: C,
+             **kwargs: Any) -> C:
+    """:func:`fit` with the fit side of ``contract``, a class ``controller`` is an instance
+    of: :func:`~steerlab.fitting.fit_contrastive` uses the base class's generic one (class
+    activations at the controller's sites and recipe). ``kwargs`` as :func:`fit`'s."""
+    return fit(lm, data, controller, contract=contract, **kwargs)

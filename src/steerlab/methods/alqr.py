@@ -146,13 +146,11 @@ class ALQR(LFSController):
 
     def record_fit(self, info: ModelInfo, collected: Collected,
                    estimator_seconds: float) -> None:
-        self.model_info = info
-        self.data_fingerprint = collected.fingerprint
         t_collect = collected.seconds.get("collect", 0.0)
         t_jac = collected.seconds.get("jacobians", 0.0)
         assert collected.reading.jacobians is not None
-        self.fit_info.update(
-            data=collected.data_name,
+        self.record_data(
+            info, collected,
             collect_seconds=round(t_collect, 3),
             jacobian_seconds=round(t_jac, 3),
             jacobian_prompts=len(collected.reading.jacobians.texts),

@@ -155,13 +155,18 @@ class Controller(ABC):
                    estimator_seconds: float) -> None:
         """What an artifact needs of a fit: the model, the data fingerprint, and in
         ``fit_info`` the data's name, the position read and the times."""
-        self.model_info = info
-        self.data_fingerprint = collected.fingerprint
         t_collect = collected.seconds.get("collect", 0.0)
-        self.fit_info.update(
-            data=collected.data_name, position=collected.position,
+        self.record_data(
+            info, collected, position=collected.position,
             collect_seconds=round(t_collect, 3), estimator_seconds=round(estimator_seconds, 3),
             fit_seconds=round(t_collect + estimator_seconds, 3))
+
+    def record_data(self, info: ModelInfo, collected: Collected, **fit_info: Any) -> None:
+        """The part of :meth:`record_fit` every method shares: the model, the data
+        fingerprint and the data's name, plus the method's own ``fit_info`` entries."""
+        self.model_info = info
+        self.data_fingerprint = collected.fingerprint
+        self.fit_info.update(data=collected.data_name, **fit_info)
 
     # -- what the runtime needs ----------------------------------------------------------------
     @property

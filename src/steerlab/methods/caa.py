@@ -104,10 +104,8 @@ class CAA(AdditiveController):
 
     def record_fit(self, info: ModelInfo, collected: Collected,
                    estimator_seconds: float) -> None:
-        self.model_info = info
-        self.data_fingerprint = collected.fingerprint
-        self.fit_info.update(
-            data=collected.data_name,
+        self.record_data(
+            info, collected,
             fit_seconds=round(collected.seconds.get("collect", 0.0) + estimator_seconds, 3),
             render_mode=collected.render_mode, position=collected.position)
 

@@ -166,10 +166,8 @@ class SAS(Controller):
 
     def record_fit(self, info: ModelInfo, collected: Collected,
                    estimator_seconds: float) -> None:
-        self.model_info = info
-        self.data_fingerprint = collected.fingerprint
-        self.fit_info.update(data=collected.data_name,
-                             collect_seconds=round(collected.seconds.get("collect", 0.0), 3))
+        self.record_data(info, collected,
+                         collect_seconds=round(collected.seconds.get("collect", 0.0), 3))
 
     def fit(self, positive: torch.Tensor, negative: torch.Tensor) -> Self:
         """Build v from positive (N⁺, d) and negative (N⁻, d) activations at the site."""

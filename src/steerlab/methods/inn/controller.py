@@ -223,11 +223,9 @@ class INNSteer(Controller):
 
     def record_fit(self, info: ModelInfo, collected: Collected,
                    estimator_seconds: float) -> None:
-        self.model_info = info
-        self.data_fingerprint = collected.fingerprint
-        self.fit_info.update(data=collected.data_name,
-                             collect_seconds=round(collected.seconds.get("collect", 0.0), 3),
-                             flow_fit_seconds=round(estimator_seconds, 3))
+        self.record_data(info, collected,
+                         collect_seconds=round(collected.seconds.get("collect", 0.0), 3),
+                         flow_fit_seconds=round(estimator_seconds, 3))
         self.fit_info.update(collected.figures)
 
     def fit(self, positive: torch.Tensor, negative: torch.Tensor, *,  # noqa: C901

@@ -193,11 +193,9 @@ class _ODEBase(Controller):
 
     def record_fit(self, info: ModelInfo, collected: Collected,
                    estimator_seconds: float) -> None:
-        self.model_info = info
-        self.data_fingerprint = collected.fingerprint
         figures = dict(collected.figures)
-        self.fit_info.update(
-            data=collected.data_name,
+        self.record_data(
+            info, collected,
             collect_seconds=round(collected.seconds.get("collect", 0.0), 3),
             barrier_fit_seconds=round(estimator_seconds, 3),
             test_fraction=figures.pop("test_fraction"), n_train=figures.pop("n_train"))

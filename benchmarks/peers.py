@@ -63,8 +63,11 @@ measured point is printed and written; the fronts are these points.
 * steerlab: every method of ``steerlab.methods.METHODS`` that fits from data (SAS needs an
   SAE: skipped; ActAdd reads only its own prompt pair, "Love"/"Hate", a sentiment pair, so it
   runs on the sentiment set only), fitted with ``steerlab.fitting.fit_method`` at default
-  settings and with ``auto=True`` (block and strength chosen on a validation slice of the
-  training part), each at its default scope. Also ``caa@L scope all``: steerlab's CAA at the
+  settings and with ``auto=True`` (block, scope and strength chosen on a validation slice of
+  the training part: on the sentiment set by greedy validation answers judged against the
+  training completions within a 1.5x perplexity ratio, on the A/B set teacher-forced within
+  a 0.25-nat KL; ``steerlab.autotune``), each at its default scope (auto: the chosen one).
+  Also ``caa@L scope all``: steerlab's CAA at the
   steering-vectors block with scope ``all``, at the steering-vectors multipliers (the same
   intervention, so the same texts up to float rounding: an equivalence check), and
   ``caa@L scope from:-1``: the same vector at CAA's default scope (the effect of the scope

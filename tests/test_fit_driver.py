@@ -1,10 +1,20 @@
 """The one fit driver (issue 18, step 2) fits exactly what the per-method fitting functions
 fitted before it: every case of ``tests/fit_cases.py`` (every registered method, several
 recipes, scopes, blocks, presets and data kinds, through ``fit_method`` and through the
-per-method helpers, and the refusals) gives bit-identical state tensors and the same
-hyper-parameters, fit_info (without timings), data fingerprint and model as the reference
+per-method helpers, and the refusals) gives the same state tensors, hyper-parameters,
+fit_info (without timings), data fingerprint and model as the reference
 ``tests/fit_reference/`` written by the code before the refactor
 (``scripts/make_fit_reference.py``; ``$STEERLAB_FIT_REFERENCE`` points elsewhere).
+
+On the CPU that wrote the reference the match was bit for bit. Another CPU's kernels round
+differently (a new machine here: closed-form fits then differ by at most 4e-4 relative, the
+fit_info floats in their last digits), so the comparison is to a tolerance
+(:func:`assert_matches`): strings, integers, booleans, shapes, dtypes and keys exactly;
+floats to ``REL`` relative (``ABS`` absolute, for values rounded to 4 decimals); each tensor
+to ``REL`` relative Frobenius error, except INNSteer's flow, which is *trained* (Adam over
+epochs amplifies the rounding: up to 0.17 on a tiny bias tensor, 1.6e-4 over the whole
+flow here; ``TRAINED_REL`` allows 5e-3), and is compared, with what is fitted on it, as
+one vector of all its parameters.
 """
 
 from __future__ import annotations
@@ -22,6 +32,45 @@ from fit_cases import CASES, snapshot
 from steerlab.methods import METHODS
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+REL, ABS, TRAINED_REL = 2e-3, 2e-4, 5e-3
+
+
+def _close_json(a: Any, b: Any, path: str = "") -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert sorted(a) == sorted(b), path
+        for k in a:
+            _close_json(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close_json(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=REL, abs=ABS), path
+    else:
+        assert type(a) is type(b) and a == b, path
+
+
+def assert_matches(tensors: dict[str, torch.Tensor], meta: str, expected_meta: Any,
+                   expected: dict[str, torch.Tensor]) -> None:
+    """``tensors``/``meta`` equal the reference up to another CPU's rounding (module doc)."""
+    _close_json(json.loads(meta), expected_meta)
+    assert sorted(tensors) == sorted(expected)
+    # a trained flow: everything fitted after it (INNSteer's latent probe) inherits its drift
+    trained = ([k for k, v in expected.items() if v.dtype.is_floating_point]
+               if any(k.startswith("flow.") for k in expected) else [])
+    for key, value in expected.items():
+        got = tensors[key]
+        assert got.dtype == value.dtype and got.shape == value.shape, key
+        if not value.dtype.is_floating_point:
+            assert torch.equal(got, value), key
+        elif key not in trained:
+            err = (got.double() - value.double()).norm() / value.double().norm().clamp_min(1e-12)
+            assert float(err) <= REL, (key, float(err))
+    if trained:
+        got = torch.cat([tensors[k].double().flatten() for k in trained])
+        want = torch.cat([expected[k].double().flatten() for k in trained])
+        assert float((got - want).norm() / want.norm()) <= TRAINED_REL
 
 REFERENCE = Path(os.environ.get("STEERLAB_FIT_REFERENCE",
                                 Path(__file__).parent / "fit_reference"))
@@ -41,14 +90,11 @@ def test_the_cases_cover_every_registered_method(reference: dict[str, Any]) -> N
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_fit_is_bit_identical_to_the_reference(name: str, reference: dict[str, Any]) -> None:
+def test_fit_matches_the_reference(name: str, reference: dict[str, Any]) -> None:
     tensors, meta = snapshot(CASES[name]())
-    assert json.loads(meta) == reference[name]
     path = REFERENCE / f"{name}.safetensors"
     expected = load_file(str(path)) if path.exists() else {}
-    assert sorted(tensors) == sorted(expected)
-    for key, value in expected.items():
-        assert tensors[key].dtype == value.dtype and torch.equal(tensors[key], value), key
+    assert_matches(tensors, meta, reference[name], expected)
 
 
 # -- the driver called directly fits what the per-method helpers fitted ------------------------
@@ -92,9 +138,8 @@ def _direct(name: str) -> Any:
                                   "helper-contrastive-repe"])
 def test_the_driver_fits_what_the_helpers_fit(name: str, reference: dict[str, Any]) -> None:
     tensors, meta = snapshot(_direct(name))
-    assert json.loads(meta) == reference[name]
-    expected = load_file(str(REFERENCE / f"{name}.safetensors"))
-    assert all(torch.equal(tensors[k], v) for k, v in expected.items())
+    assert_matches(tensors, meta, reference[name],
+                   load_file(str(REFERENCE / f"{name}.safetensors")))
 
 
 # -- the contract ------------------------------------------------------------------------------

@@ -144,7 +144,10 @@ def _rows(lm: LoadedModel, data: ContrastiveSet | LabeledSet) -> _Rows:
 
 
 class _Scorer:
-    """Unsteered log-probabilities cached once; each steered candidate is one pass more."""
+    """The ``"teacher"`` objective: unsteered log-probabilities cached once; each steered
+    candidate is one pass more."""
+
+    metric = "kl"
 
     def __init__(self, lm: LoadedModel, rows: _Rows, batch_size: int) -> None:
         self.lm, self.rows, self.batch_size = lm, rows, batch_size
@@ -207,8 +210,6 @@ class _Scorer:
         pos, neg = per_row[sign > 0], per_row[sign < 0]
         return float(pos.mean() - neg.mean())
 
-    metric = "kl"
-
     def point(self, steers: Any) -> dict[str, float]:
         """The change and the fluency of one candidate (a point of ``fit_info["auto"]``)."""
         change, kl = self.measure(steers)
@@ -262,13 +263,10 @@ class _GenerationScorer:
         return sum(scores) / len(scores)
 
     def _ppl(self, texts: Sequence[str]) -> float:
-        from steerlab.evals.metrics import conditional_perplexity
+        """Perplexity of the answers under the unsteered model (NaN: every answer empty)."""
+        from steerlab.evals.fluency import generation_fluency
 
-        try:
-            return conditional_perplexity(self.lm, self.prompts, texts,
-                                          batch_size=self.batch_size)
-        except DataError:  # every answer empty
-            return math.inf
+        return generation_fluency(self.lm, self.prompts, texts, batch_size=self.batch_size)["ppl"]
 
     def point(self, steers: Any) -> dict[str, float | None]:
         from steerlab.evals.fluency import degenerate_fraction
@@ -294,13 +292,18 @@ def _free_text(data: ContrastiveSet) -> bool:
     return bool(words) and words[len(words) // 2] >= 3
 
 
+def check_objective(objective: str, what: str = "--auto objective") -> None:
+    """Refuse an objective that is not one of :data:`OBJECTIVES` (the CLI calls it, as
+    ``--objective``, before loading a model)."""
+    if objective not in OBJECTIVES:
+        raise DataError(f"unknown {what} {objective!r}; use {', '.join(OBJECTIVES)}")
+
+
 def resolve_objective(objective: str, data: ContrastiveSet | LabeledSet,
                       recipe: str | None) -> str:
     """The objective ``auto`` uses for ``data`` (module docstring); refuses an unknown one
     and ``"generate"`` on data without prompts and completions."""
-    if objective not in OBJECTIVES:
-        raise DataError(f"unknown --auto objective {objective!r}; use "
-                        f"{', '.join(OBJECTIVES)}")
+    check_objective(objective)
     generative = isinstance(data, ContrastiveSet) and recipe != "ab" and _free_text(data)
     if objective == "generate" and not generative:
         raise DataError("the generate objective needs prompts with free-text positive and "

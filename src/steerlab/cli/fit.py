@@ -290,11 +290,9 @@ def fit(
         preflight_fit(model, method, data, layer_list, given, scope=scope, limit=limit,
                       out=out, preset=preset, auto=auto)
         given |= set(extra)
-        from steerlab.autotune import OBJECTIVES
+        from steerlab.autotune import check_objective
 
-        if objective not in OBJECTIVES:
-            raise SteerlabError(f"unknown --objective {objective!r}; use "
-                                f"{', '.join(OBJECTIVES)}")
+        check_objective(objective, "--objective")  # before the model loads
         if recipe is None:
             recipe = "last" if method in LFS_METHODS else "mean"
         lm = common._load(model)

@@ -34,8 +34,8 @@ import torch
 from steerlab.errors import DataError, ModelLoadError
 from steerlab.evals.metrics import vader_compound
 
-__all__ = ["MINILM_MAX_LENGTH", "ConceptJudge", "ContrastJudge", "offensive_probability",
-           "vader_compound"]
+__all__ = ["MINILM_MAX_LENGTH", "ConceptJudge", "ContrastJudge", "SentenceEncoder",
+           "offensive_probability", "vader_compound"]
 
 MINILM_MAX_LENGTH = 256
 """Tokens read per text: the ``max_seq_length`` of all-MiniLM-L6-v2's sentence-transformers
@@ -74,29 +74,19 @@ def minilm_path() -> Any:
     return path
 
 
-class ConceptJudge:
-    """How close texts are to a concept: cosine similarity of MiniLM sentence embeddings.
+class SentenceEncoder:
+    """all-MiniLM-L6-v2 sentence embeddings (the sentence-transformers pipeline: mean pooling
+    over the attention mask, L2 normalisation, ``MINILM_MAX_LENGTH`` tokens), loaded from the
+    bundled files on first use and kept. The encoder of :class:`ConceptJudge` and
+    :class:`ContrastJudge`."""
 
-    ``description`` is a sentence or two describing the concept; :meth:`similarity` gives
-    each text's cosine similarity to it (in [-1, 1]; unrelated English text scores near 0,
-    on-concept text well above). The encoder is loaded on first use and kept on the judge.
-    """
-
-    def __init__(self, description: str, *, batch_size: int = 32,
-                 device: str | torch.device = "cpu") -> None:
-        if not isinstance(description, str) or not description.strip():
-            raise DataError("a concept judge needs a non-empty description")
+    def __init__(self, *, batch_size: int = 32, device: str | torch.device = "cpu") -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
-        self.description = description
         self.batch_size = batch_size
         self.device = torch.device(device)
         self._tokenizer: Any = None
         self._model: Any = None
-        self._target: torch.Tensor | None = None
-
-    def __repr__(self) -> str:
-        return f"ConceptJudge({self.description!r})"
 
     def _load(self) -> tuple[Any, Any]:
         if self._model is None:
@@ -127,6 +117,26 @@ class ConceptJudge:
             return torch.zeros(0, model.config.hidden_size)
         return torch.cat(rows)
 
+
+class ConceptJudge(SentenceEncoder):
+    """How close texts are to a concept: cosine similarity of MiniLM sentence embeddings.
+
+    ``description`` is a sentence or two describing the concept; :meth:`similarity` gives
+    each text's cosine similarity to it (in [-1, 1]; unrelated English text scores near 0,
+    on-concept text well above). The encoder is loaded on first use and kept on the judge.
+    """
+
+    def __init__(self, description: str, *, batch_size: int = 32,
+                 device: str | torch.device = "cpu") -> None:
+        if not isinstance(description, str) or not description.strip():
+            raise DataError("a concept judge needs a non-empty description")
+        super().__init__(batch_size=batch_size, device=device)
+        self.description = description
+        self._target: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"ConceptJudge({self.description!r})"
+
     def similarity(self, texts: Sequence[str]) -> list[float]:
         """Cosine similarity of each text to the description."""
         if self._target is None:
@@ -136,11 +146,11 @@ class ConceptJudge:
         return [float(s) for s in self.embed(texts) @ self._target]
 
 
-class ContrastJudge:
+class ContrastJudge(SentenceEncoder):
     """How far texts lean towards one side of a contrastive set, in MiniLM's embedding space.
 
     With ``c+`` and ``c−`` the normalised centroids of the unit embeddings of the
-    ``positive`` and ``negative`` texts (``ConceptJudge.embed``), a text ``t`` with unit
+    ``positive`` and ``negative`` texts (:class:`SentenceEncoder`), a text ``t`` with unit
     embedding ``e(t)`` scores ``cos(e(t), c+) − cos(e(t), c−)``: above 0 when it reads more
     like the positive examples, below 0 more like the negative ones. It needs no description
     of the behaviour, only examples of both sides, so any contrastive set brings its own
@@ -154,7 +164,7 @@ class ContrastJudge:
         if not positive or not negative:
             raise DataError("a contrast judge needs at least one positive and one negative "
                             "example text")
-        self._encoder = ConceptJudge("contrast", batch_size=batch_size, device=device)
+        super().__init__(batch_size=batch_size, device=device)
         self.positive = list(positive)
         self.negative = list(negative)
         self._axis: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -165,8 +175,8 @@ class ContrastJudge:
     def _centroids(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._axis is None:
             norm = torch.nn.functional.normalize
-            self._axis = (norm(self._encoder.embed(self.positive).mean(0), dim=0),
-                          norm(self._encoder.embed(self.negative).mean(0), dim=0))
+            self._axis = (norm(self.embed(self.positive).mean(0), dim=0),
+                          norm(self.embed(self.negative).mean(0), dim=0))
         return self._axis
 
     def lean(self, texts: Sequence[str]) -> list[float]:
@@ -176,5 +186,5 @@ class ContrastJudge:
         if not texts:
             return []
         pos, neg = self._centroids()
-        emb = self._encoder.embed(texts)
+        emb = self.embed(texts)
         return [float(s) for s in emb @ pos - emb @ neg]
